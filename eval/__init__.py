@@ -1,0 +1,1 @@
+"""Evaluation, installed as ``mdlm_kit.eval``: likelihood bounds and run reports."""

@@ -1,0 +1,127 @@
+"""The ``mdlm-kit`` command.
+
+- ``mdlm-kit fit|validate --config configs/X.yaml [...]``: LightningCLI over
+  ``MaskedDiffusionLM`` and ``TextDataModule`` (``--print_config`` works).
+- ``mdlm-kit report --checkpoint CKPT``: validation NELBO, unigram entropy and bits per
+  character of a trained checkpoint, as one JSON line.
+
+Mistakes a user can make (bad paths, bad values, unknown keys) print one
+``mdlm-kit: error: ...`` line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from mdlm_kit.errors import UserError
+
+LIGHTNING_COMMANDS = ("fit", "validate")
+USAGE = """usage: mdlm-kit COMMAND [options]
+
+Masked discrete diffusion language models.
+
+commands:
+  fit        train a model:            mdlm-kit fit --config configs/shakespeare.yaml
+  validate   evaluate on the val split: mdlm-kit validate --config CFG --ckpt_path CKPT
+  report     NELBO, unigram entropy and bits/char of a checkpoint as JSON:
+                                        mdlm-kit report --checkpoint CKPT
+
+Run `mdlm-kit COMMAND --help` for the options of a command.
+"""
+
+
+def _lightning_cli(argv: list[str]) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from mdlm_kit.data import TextDataModule
+    from mdlm_kit.lightning import MaskedDiffusionLM
+
+    class MdlmCLI(LightningCLI):
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            full = LightningCLI.subcommands()
+            return {k: full[k] for k in LIGHTNING_COMMANDS}
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.link_arguments("data.model_vocab_size", "model.vocab_size", apply_on="instantiate")
+
+        def _place_outputs(self) -> None:
+            """Checkpoints in DIR/checkpoints (last.ckpt always), CSV and TensorBoard logs under DIR."""
+            trainer = self.trainer
+            root = Path(trainer.default_root_dir)
+            for cb in trainer.checkpoint_callbacks:
+                if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
+                    cb.dirpath = str(root / "checkpoints")
+                    cb.save_last = True
+            if self.config[self.subcommand].trainer.logger in (None, True):
+                tb = TensorBoardLogger(str(root), name="tensorboard", default_hp_metric=False)
+                trainer.loggers = [CSVLogger(str(root), name="csv"), tb]
+
+        def before_fit(self) -> None:
+            self._place_outputs()
+
+        def before_validate(self) -> None:
+            self._place_outputs()
+
+    MdlmCLI(
+        MaskedDiffusionLM,
+        TextDataModule,
+        args=argv,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},
+        auto_configure_optimizers=False,
+    )
+
+
+def _report(argv: list[str]) -> None:
+    from jsonargparse import CLI
+
+    from mdlm_kit.eval.report import report
+
+    CLI(report, args=argv, exit_on_error=False, as_positional=False)
+
+
+COMMANDS = {"report": _report}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        sys.exit(0 if argv else 2)
+    command = argv[0]
+    if command not in LIGHTNING_COMMANDS and command not in COMMANDS:
+        _fail(f"unknown command {command!r}; choose one of: {', '.join(LIGHTNING_COMMANDS + tuple(COMMANDS))}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from jsonargparse import ArgumentError
+
+    try:
+        if command in COMMANDS:
+            COMMANDS[command](argv[1:])
+        else:
+            _lightning_cli(argv)
+    except UserError as e:
+        _fail(str(e))
+    except ArgumentError as e:
+        _fail(_one_line(str(e)))
+    except KeyboardInterrupt:
+        _fail("interrupted")
+
+
+def _one_line(msg: str) -> str:
+    lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
+    return " ".join(lines[:3]) if lines else "invalid arguments"
+
+
+def _fail(msg: str) -> None:
+    print(f"mdlm-kit: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Thin Lightning glue: the training step calls the objective, validation accumulates it in float64."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+from torchmetrics import SumMetric
+
+from mdlm_kit import rng
+from mdlm_kit.errors import UserError
+from mdlm_kit.models import DiT, DiTConfig
+from mdlm_kit.objective import nelbo_from_keys
+from mdlm_kit.schedules import make_schedule
+
+
+class MaskedDiffusionLM(L.LightningModule):
+    """A masked diffusion language model trained on the Rao-Blackwellized NELBO.
+
+    Args:
+        vocab_size: model vocabulary including the mask token (the last id); linked from the data.
+        size: named backbone size (``debug``, ``tiny``, ``small``, ``medium``).
+        n_layers, d_model, n_heads, cond_dim, max_seq_len: override the named size.
+        dropout: dropout in the blocks.
+        time_conditioning: feed the noise level to the backbone (adaLN); off by default (time-agnostic).
+        schedule: noise schedule name (``loglinear``, ``linear``, ``cosine``, ``polynomial``, ``geometric``).
+        schedule_kwargs: arguments of the schedule, e.g. ``{eps: 1e-3}`` or ``{power: 2}``.
+        num_steps: None for the continuous-time NELBO, else the number T of discrete steps.
+        lr, weight_decay, betas: AdamW.
+        warmup_steps: linear learning-rate warmup.
+        decay_steps: cosine decay to ``min_lr_ratio * lr`` over this many steps after warmup (None: constant).
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        seed: seed of the corruption noise (times and masks), independent of the data order.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 0,
+        size: str = "tiny",
+        n_layers: int | None = None,
+        d_model: int | None = None,
+        n_heads: int | None = None,
+        cond_dim: int | None = None,
+        max_seq_len: int | None = None,
+        dropout: float = 0.0,
+        time_conditioning: bool = False,
+        schedule: str = "loglinear",
+        schedule_kwargs: dict | None = None,
+        num_steps: int | None = None,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 2500,
+        decay_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if vocab_size < 2:
+            raise UserError(f"model.vocab_size must be >= 2 (set it or let the data module supply it), got {vocab_size}")
+        if num_steps is not None and num_steps < 1:
+            raise UserError(f"model.num_steps must be >= 1 or null (continuous time), got {num_steps}")
+        if lr <= 0 or warmup_steps < 0 or (decay_steps is not None and decay_steps < 1):
+            raise UserError("model.lr must be > 0, warmup_steps >= 0 and decay_steps >= 1 or null")
+        self.schedule = make_schedule(schedule, **(schedule_kwargs or {}))
+        self.config = DiTConfig.from_name(
+            size,
+            vocab_size,
+            n_layers=n_layers,
+            d_model=d_model,
+            n_heads=n_heads,
+            cond_dim=cond_dim,
+            max_seq_len=max_seq_len,
+            dropout=dropout,
+            time_conditioning=time_conditioning,
+        )
+        self.backbone = DiT(self.config)
+        self.mask_id = self.config.mask_id
+        self.val_nelbo_sum = SumMetric().set_dtype(torch.float64)
+        self.val_tokens = SumMetric().set_dtype(torch.float64)
+        self._t_last: float | None = None
+
+    def forward(self, input_ids: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.backbone(input_ids, cond)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        seq_len = getattr(getattr(dm, "hparams", None), "seq_len", None)
+        if seq_len is not None and seq_len > self.config.max_seq_len:
+            raise UserError(
+                f"data.seq_len={seq_len} is above the model's maximum sequence length {self.config.max_seq_len}; "
+                "lower data.seq_len or raise model.max_seq_len"
+            )
+        if dm is not None and hasattr(dm, "model_vocab_size") and dm.model_vocab_size != self.config.vocab_size:
+            raise UserError(
+                f"the data's vocabulary ({dm.model_vocab_size} with the mask) does not match the model's "
+                f"({self.config.vocab_size}); the checkpoint was trained with another tokenizer"
+            )
+
+    def _nelbo(self, batch: dict, keys: torch.Tensor, stream: int):
+        return nelbo_from_keys(
+            self.backbone,
+            batch["input_ids"],
+            keys,
+            self.schedule,
+            self.mask_id,
+            seed=self.hparams.seed,
+            stream=stream,
+            num_steps=self.hparams.num_steps,
+            time_conditioning=self.config.time_conditioning,
+        )
+
+    def _train_keys(self, batch: dict) -> torch.Tensor:
+        """Position of each sample in the global training stream: batch counter, slot, rank."""
+        n = self.trainer.fit_loop.epoch_loop.total_batch_idx
+        bsz = batch["input_ids"].shape[0]
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        slot = torch.arange(bsz, device=self.device, dtype=torch.int64)
+        return (n * bsz + slot) * world + rank
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        terms = self._nelbo(batch, self._train_keys(batch), rng.STREAM_TRAIN)
+        loss = terms.per_token()
+        self.log("train/nelbo", loss, prog_bar=True)
+        now = time.perf_counter()
+        if self._t_last is not None:
+            self.log("train/tokens_per_s", batch["input_ids"].numel() * self.trainer.world_size / (now - self._t_last))
+        self._t_last = now
+        return loss.float()
+
+    def on_validation_epoch_start(self) -> None:
+        self._t_last = None  # validation time is not training throughput
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        terms = self._nelbo(batch, batch["index"], rng.STREAM_VAL)
+        self.val_nelbo_sum.update(terms.per_seq)
+        self.val_tokens.update(terms.num_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        total = self.val_tokens.compute()
+        if total > 0:
+            nelbo = self.val_nelbo_sum.compute() / total
+            self.log("val/nelbo", nelbo.float(), prog_bar=True)
+            self.log("val/ppl", torch.exp(nelbo).float())
+        self.val_nelbo_sum.reset()
+        self.val_tokens.reset()
+
+    def configure_optimizers(self):
+        h = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.backbone.named_parameters():
+            (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=h.lr, betas=tuple(h.betas))
+
+        def lr_lambda(step: int) -> float:
+            if step < h.warmup_steps:
+                return (step + 1) / h.warmup_steps
+            if h.decay_steps is None:
+                return 1.0
+            progress = min(1.0, (step - h.warmup_steps) / h.decay_steps)
+            return h.min_lr_ratio + (1 - h.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,56 @@
+"""Backbone configuration: a typed dataclass and a registry of named sizes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from mdlm_kit.errors import UserError
+
+# Named sizes. `small` and `medium` are MDLM's (Sahoo et al. 2024, table 9).
+SIZES: dict[str, dict] = {
+    "debug": dict(n_layers=2, d_model=32, n_heads=2, cond_dim=32, max_seq_len=256),
+    "tiny": dict(n_layers=4, d_model=128, n_heads=4, cond_dim=64, max_seq_len=512),
+    "small": dict(n_layers=12, d_model=768, n_heads=12, cond_dim=128, max_seq_len=1024),
+    "medium": dict(n_layers=24, d_model=1024, n_heads=16, cond_dim=128, max_seq_len=1024),
+}
+
+
+@dataclass
+class DiTConfig:
+    vocab_size: int  # including the mask token, which is the last id
+    n_layers: int
+    d_model: int
+    n_heads: int
+    cond_dim: int = 128
+    mlp_ratio: int = 4
+    max_seq_len: int = 1024
+    dropout: float = 0.0
+    time_conditioning: bool = False
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "cond_dim", "mlp_ratio", "max_seq_len"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"model: {name} must be >= 1, got {getattr(self, name)}")
+        if self.vocab_size < 2:
+            raise UserError(f"model: vocab_size must be >= 2 (tokens plus the mask), got {self.vocab_size}")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise UserError(
+                f"model: d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads of even size"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model: dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size - 1
+
+    @classmethod
+    def from_name(cls, name: str, vocab_size: int, **overrides) -> DiTConfig:
+        if name not in SIZES:
+            raise UserError(f"unknown model size {name!r}; choose one of: {', '.join(SIZES)}")
+        kwargs = {**SIZES[name], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(vocab_size=vocab_size, **kwargs)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

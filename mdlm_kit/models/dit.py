@@ -1,0 +1,193 @@
+"""A bidirectional diffusion transformer in the style of MDLM's DiT, in build order.
+
+norm -> rotary -> attention -> MLP -> block -> final layer -> model.
+
+Layout follows MDLM's DiT (fused qkv without bias, GPT-NeoX rotary over the full
+head dimension, pre-norm blocks, GELU-tanh MLP with biases, adaLN
+shift/scale/gate modulation from the time embedding), so its checkpoints can be
+mapped onto this one. With ``time_conditioning=False`` (the default; the
+optimal denoiser of masked diffusion does not need t) the blocks are plain
+pre-norm blocks with affine LayerNorms and no time embedding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mdlm_kit.models.config import DiTConfig
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1.0 + scale) + shift
+
+
+class Rotary(nn.Module):
+    """GPT-NeoX rotary embedding (halves rotated, not interleaved) over the full head dimension."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (S, hd/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (S, hd)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (B, H, S, hd)
+        seq_len = x.shape[-2]
+        cos, sin = self.cos[:seq_len].to(x.dtype), self.sin[:seq_len].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of the noise level followed by an MLP (DiT / MDLM)."""
+
+    def __init__(self, cond_dim: int, freq_dim: int = 256, scale: float = 1000.0):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.scale = scale
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, level: Tensor) -> Tensor:
+        # level: (B,) mask rate in [0, 1], scaled so the sinusoids resolve it as DiT resolves t in [0, 1000]
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=level.device, dtype=torch.float32) / half)
+        args = (level.float() * self.scale)[:, None] * freqs[None]  # (B, half)
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # (B, cond_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DiTConfig, causal: bool):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.causal = causal
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor, rotary: Rotary) -> Tensor:
+        B, S, D = x.shape
+        # MDLM's packing: 'b s (three h d) -> three b h s d'
+        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x (B,H,S,hd)
+        q, k = rotary(q), rotary(k)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, S, hd)
+        return self.out(y.transpose(1, 2).reshape(B, S, D))  # (B, S, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        hidden = cfg.mlp_ratio * cfg.d_model
+        self.fc = nn.Linear(cfg.d_model, hidden)
+        self.proj = nn.Linear(hidden, cfg.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; with time conditioning, adaLN shift/scale/gate (DiT)."""
+
+    def __init__(self, cfg: DiTConfig, causal: bool):
+        super().__init__()
+        cond = cfg.time_conditioning
+        # under adaLN the modulation supplies the affine part, as in MDLM
+        self.norm1 = nn.LayerNorm(cfg.d_model, elementwise_affine=not cond)
+        self.attn = Attention(cfg, causal)
+        self.norm2 = nn.LayerNorm(cfg.d_model, elementwise_affine=not cond)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.adaLN = nn.Linear(cfg.cond_dim, 6 * cfg.d_model) if cond else None
+
+    def forward(self, x: Tensor, rotary: Rotary, c: Tensor | None) -> Tensor:
+        if self.adaLN is None:
+            x = x + self.drop(self.attn(self.norm1(x), rotary))
+            return x + self.drop(self.mlp(self.norm2(x)))
+        # c: (B, cond_dim) -> six (B, 1, D) modulation vectors
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c)[:, None].chunk(6, dim=-1)
+        x = x + gate1 * self.drop(self.attn(modulate(self.norm1(x), shift1, scale1), rotary))
+        return x + gate2 * self.drop(self.mlp(modulate(self.norm2(x), shift2, scale2)))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        cond = cfg.time_conditioning
+        self.norm = nn.LayerNorm(cfg.d_model, elementwise_affine=not cond)
+        self.linear = nn.Linear(cfg.d_model, cfg.vocab_size)
+        self.adaLN = nn.Linear(cfg.cond_dim, 2 * cfg.d_model) if cond else None
+
+    def forward(self, x: Tensor, c: Tensor | None) -> Tensor:
+        x = self.norm(x)
+        if self.adaLN is not None:
+            shift, scale = self.adaLN(c)[:, None].chunk(2, dim=-1)
+            x = modulate(x, shift, scale)
+        return self.linear(x)
+
+
+class DiT(nn.Module):
+    """Bidirectional (or, with ``causal=True``, autoregressive) transformer over token ids.
+
+    ``forward(input_ids (B, S), cond (B,) | None) -> logits (B, S, vocab_size)``.
+    The logits include the mask token's column; the objective applies SUBS.
+    """
+
+    def __init__(self, cfg: DiTConfig, causal: bool = False):
+        super().__init__()
+        self.config = cfg
+        self.causal = causal
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.time_embed = TimestepEmbedder(cfg.cond_dim) if cfg.time_conditioning else None
+        self.rotary = Rotary(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_base)
+        self.blocks = nn.ModuleList(Block(cfg, causal) for _ in range(cfg.n_layers))
+        self.final = FinalLayer(cfg)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = 0.02
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, nn.LayerNorm):
+                m.reset_parameters()
+        for block in self.blocks:
+            # GPT-2: residual projections scaled by depth
+            nn.init.normal_(block.attn.out.weight, std=std / math.sqrt(2 * self.config.n_layers))
+            nn.init.normal_(block.mlp.proj.weight, std=std / math.sqrt(2 * self.config.n_layers))
+            if block.adaLN is not None:  # DiT: blocks start as the identity
+                nn.init.zeros_(block.adaLN.weight)
+                nn.init.zeros_(block.adaLN.bias)
+        # a zero output layer starts every prediction at the uniform distribution
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.linear.bias)
+        if self.final.adaLN is not None:
+            nn.init.zeros_(self.final.adaLN.weight)
+            nn.init.zeros_(self.final.adaLN.bias)
+
+    def forward(self, input_ids: Tensor, cond: Tensor | None = None) -> Tensor:
+        B, S = input_ids.shape
+        if S > self.config.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds the model's max_seq_len {self.config.max_seq_len}")
+        c = None
+        if self.time_embed is not None:
+            if cond is None:
+                raise ValueError("this model is time-conditioned: pass cond (the mask rate per sequence)")
+            c = F.silu(self.time_embed(cond))  # (B, cond_dim)
+        x = self.embed(input_ids)  # (B, S, D)
+        for block in self.blocks:
+            x = block(x, self.rotary, c)
+        return self.final(x, c)  # (B, S, V)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

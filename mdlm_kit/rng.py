@@ -1,0 +1,75 @@
+"""Counter-based random numbers: noise that depends only on (seed, stream, key).
+
+The corruption of a training or evaluation sample is a function of a seed and
+the sample's index alone, never of the batch it sits in or of the number of
+processes, so a loss or a bound does not change with batch size or world size.
+splitmix64 in int64 arithmetic gives the same bits on every device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+# (sqrt(5) - 1) / 2: the additive recurrence frac(c + n g) is the lowest-discrepancy
+# one-dimensional Kronecker sequence, so any run of consecutive keys is stratified.
+_GOLDEN_FRACTION = (math.sqrt(5.0) - 1.0) / 2.0
+
+STREAM_TRAIN = 1
+STREAM_VAL = 2
+STREAM_EVAL = 3
+
+
+def _signed(x: int) -> int:
+    x &= 0xFFFFFFFFFFFFFFFF
+    return x - (1 << 64) if x >= (1 << 63) else x
+
+
+def _shr(x: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 bits."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def splitmix64(x: Tensor) -> Tensor:
+    """splitmix64 finalizer on int64 tensors (two's-complement wrap-around)."""
+    z = x + _signed(_GOLDEN)
+    z = (z ^ _shr(z, 30)) * _signed(_MIX1)
+    z = (z ^ _shr(z, 27)) * _signed(_MIX2)
+    return z ^ _shr(z, 31)
+
+
+def bits_to_uniform(z: Tensor) -> Tensor:
+    """Top 53 bits -> float64 uniform in the open interval (0, 1)."""
+    return (_shr(z, 11).to(torch.float64) + 0.5) * (2.0**-53)
+
+
+def _base(seed: int, stream: int, device) -> Tensor:
+    s = torch.tensor([_signed(seed * 0x100000001B3 + stream)], dtype=torch.int64, device=device)
+    return splitmix64(splitmix64(s))
+
+
+def token_uniforms(seed: int, stream: int, keys: Tensor, length: int) -> Tensor:
+    """(B, length) float64 uniforms for the samples with integer ``keys`` (B,)."""
+    keys = keys.to(torch.int64)
+    h = splitmix64(_base(seed, stream, keys.device) ^ splitmix64(keys))  # (B,)
+    pos = torch.arange(1, length + 1, dtype=torch.int64, device=keys.device) * _signed(_GOLDEN)
+    return bits_to_uniform(splitmix64(h[:, None] + pos[None, :]))
+
+
+def stratified_times(seed: int, stream: int, keys: Tensor) -> Tensor:
+    """t in (0, 1] for each key: t = 1 - frac(c + key * g), with a seed-dependent offset c.
+
+    Each t is uniform over the random offset; consecutive keys are spread evenly
+    over (0, 1] (stratified sampling across a batch, as MDLM's antithetic times),
+    without the batch size entering the formula.
+    """
+    keys = keys.to(torch.int64)
+    c = bits_to_uniform(splitmix64(_base(seed, stream, keys.device) + 0x5151))
+    # key * g in float64 is exact to ~1e-16 * key: far below any useful resolution for key < 2^40
+    frac = torch.remainder(c + keys.to(torch.float64) * _GOLDEN_FRACTION, 1.0)
+    return 1.0 - frac
