@@ -44,6 +44,7 @@ def evaluate_nelbo(
             stream=rng.STREAM_EVAL,
             num_steps=num_steps,
             time_conditioning=model.config.time_conditioning,
+            estimator=model.estimator,
         )
         per_seq.append(terms.per_seq.cpu())
         tokens.append(terms.num_tokens.cpu())

@@ -17,9 +17,6 @@ def _known_kwargs(cls, kwargs: dict) -> dict:
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu"):
     """(MaskedDiffusionLM in eval mode, TextDataModule with the checkpoint's tokenizer) from a ``.ckpt`` file."""
-    from mdlm_kit.data import TextDataModule
-    from mdlm_kit.lightning import MaskedDiffusionLM
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
@@ -29,6 +26,9 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu"):
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or corrupt")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise UserError(f"{path} is not an mdlm-kit checkpoint (no state_dict/hyper_parameters)")
+    from mdlm_kit.data import TextDataModule
+    from mdlm_kit.lightning import MaskedDiffusionLM
+
     model = MaskedDiffusionLM(**_known_kwargs(MaskedDiffusionLM, ckpt["hyper_parameters"]))
     try:
         model.load_state_dict(ckpt["state_dict"])

@@ -12,7 +12,7 @@ from torchmetrics import SumMetric
 from mdlm_kit import rng
 from mdlm_kit.errors import UserError
 from mdlm_kit.models import DiT, DiTConfig
-from mdlm_kit.objective import nelbo_from_keys
+from mdlm_kit.objective import ESTIMATORS, nelbo_from_keys
 from mdlm_kit.schedules import make_schedule
 
 
@@ -28,6 +28,9 @@ class MaskedDiffusionLM(L.LightningModule):
         schedule: noise schedule name (``loglinear``, ``linear``, ``cosine``, ``polynomial``, ``geometric``).
         schedule_kwargs: arguments of the schedule, e.g. ``{eps: 1e-3}`` or ``{power: 2}``.
         num_steps: None for the continuous-time NELBO, else the number T of discrete steps.
+        estimator: ``time`` (sample t, mask tokens independently), ``count`` (t integrated out in closed
+            form; same expectation, far lower variance; time-agnostic continuous-time models only) or
+            ``auto`` (``count`` where it applies, else ``time``). See ``mdlm_kit.objective``.
         lr, weight_decay, betas: AdamW.
         warmup_steps: linear learning-rate warmup.
         decay_steps: cosine decay to ``min_lr_ratio * lr`` over this many steps after warmup (None: constant).
@@ -49,6 +52,7 @@ class MaskedDiffusionLM(L.LightningModule):
         schedule: str = "loglinear",
         schedule_kwargs: dict | None = None,
         num_steps: int | None = None,
+        estimator: str = "auto",
         lr: float = 3e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -77,6 +81,14 @@ class MaskedDiffusionLM(L.LightningModule):
             dropout=dropout,
             time_conditioning=time_conditioning,
         )
+        count_ok = not time_conditioning and num_steps is None
+        if estimator == "auto":
+            estimator = "count" if count_ok else "time"
+        if estimator not in ESTIMATORS:
+            raise UserError(f"model.estimator: unknown estimator {estimator!r}; choose auto, {', '.join(ESTIMATORS)}")
+        if estimator == "count" and not count_ok:
+            raise UserError("model.estimator=count needs a time-agnostic model in continuous time (num_steps: null)")
+        self.estimator = estimator
         self.backbone = DiT(self.config)
         self.mask_id = self.config.mask_id
         self.val_nelbo_sum = SumMetric().set_dtype(torch.float64)
@@ -111,6 +123,7 @@ class MaskedDiffusionLM(L.LightningModule):
             stream=stream,
             num_steps=self.hparams.num_steps,
             time_conditioning=self.config.time_conditioning,
+            estimator=self.estimator,
         )
 
     def _train_keys(self, batch: dict) -> torch.Tensor:

@@ -1,0 +1,34 @@
+# The two commands of the README:
+#   make quickstart   set up .venv, train the tiny model on the embedded Shakespeare corpus (CPU), report
+#   make test         set up .venv and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; on a CUDA machine set TORCH_SPEC to the build you want.
+TORCH_SPEC ?= torch==2.13.0
+RUN_DIR ?= runs/quickstart
+STAMP := $(VENV)/.installed
+
+.PHONY: install quickstart test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/mdlm-kit fit --config configs/shakespeare.yaml --trainer.default_root_dir $(RUN_DIR)
+	$(BIN)/mdlm-kit report --checkpoint $(RUN_DIR)/checkpoints/last.ckpt
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs

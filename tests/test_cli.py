@@ -1,0 +1,83 @@
+import pytest
+import torch
+from helpers import CONFIGS, run_cli, write_corpus
+
+
+def _one_line_error(proc, match: str):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert lines, "no error message"
+    last = lines[-1]
+    assert last.startswith("mdlm-kit: error: ") and match in last, last
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_lists_the_commands():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for cmd in ("fit", "validate", "report"):
+        assert cmd in proc.stdout
+    proc = run_cli("fit", "--help")
+    assert proc.returncode == 0
+    assert "--model.schedule" in proc.stdout and "--data.corpus" in proc.stdout
+
+
+def test_print_config_resolves_the_debug_recipe():
+    proc = run_cli("fit", "--config", str(CONFIGS / "debug.yaml"), "--print_config")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "size: debug" in proc.stdout and "EMAWeightAveraging" in proc.stdout
+    assert "tokenizer: char" in proc.stdout
+
+
+def test_every_config_parses():
+    for cfg in sorted(CONFIGS.glob("*.yaml")):
+        proc = run_cli("fit", "--config", str(cfg), "--print_config")
+        assert proc.returncode == 0, (cfg, proc.stderr[-2000:])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--data.corpus", "/no/such/corpus"], "no such file or folder: /no/such/corpus"),
+        (["--model.schedule", "cosin"], "unknown schedule 'cosin'"),
+        (["--data.seq_len", "300"], "above the model's maximum sequence length 256"),
+        (["--model.no_such_option", "3"], "no_such_option"),
+        (["--data.tokenizer", "words"], "unknown tokenizer 'words'"),
+        (["--model.size", "huge"], "unknown model size 'huge'"),
+    ],
+    ids=["missing-path", "unknown-schedule", "seq-len-above-max", "unknown-key", "unknown-tokenizer", "unknown-size"],
+)
+def test_fit_bad_input_gives_one_line_and_leaves_nothing(tmp_path, corpus, cache_root, args, match):
+    out = tmp_path / "run"
+    argv = ["fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(corpus)]
+    proc = run_cli(*argv, "--trainer.default_root_dir", str(out), *args)
+    _one_line_error(proc, match)
+    assert not (out / "checkpoints").exists()
+
+
+def test_fit_on_an_empty_corpus(tmp_path, cache_root):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("\n\n")
+    proc = run_cli("fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(tmp_path / "empty"),
+                   "--trainer.default_root_dir", str(tmp_path / "run"))
+    _one_line_error(proc, "empty corpus")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unknown_command():
+    _one_line_error(run_cli("trian"), "unknown command 'trian'")
+
+
+def test_report_on_missing_and_corrupt_checkpoints(tmp_path):
+    _one_line_error(run_cli("report", "--checkpoint", str(tmp_path / "nope.ckpt")), "checkpoint not found")
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint at all")
+    _one_line_error(run_cli("report", "--checkpoint", str(bad)), "not a readable checkpoint")
+    other = tmp_path / "other.ckpt"
+    torch.save({"weights": 1}, other)
+    _one_line_error(run_cli("report", "--checkpoint", str(other)), "not an mdlm-kit checkpoint")

@@ -1,0 +1,132 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mdlm_kit.data import TextDataModule, load_gpt2, pack_wrap
+from mdlm_kit.data.corpora import SHAKESPEARE_VAL, load_corpus
+from mdlm_kit.data.tokenizers import CharTokenizer, build_tokenizer, tokenizer_from_dict, train_bpe
+from mdlm_kit.errors import UserError
+
+
+@pytest.fixture()
+def text_folder(tmp_path):
+    docs = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (20 + i) for i in range(5)]
+    for i, d in enumerate(docs):
+        (tmp_path / f"doc{i}.txt").write_text(d)
+    return tmp_path, docs
+
+
+def test_pack_wrap_separates_documents_with_bos_eos_and_drops_the_tail():
+    blocks = pack_wrap([[5, 6, 7], [8], [9, 10]], bos_id=0, eos_id=1, seq_len=4)
+    assert blocks.tolist() == [[0, 5, 6, 7], [1, 0, 8, 1], [0, 9, 10, 1]]
+    assert pack_wrap([[5, 6, 7]], 0, 1, 4).tolist() == [[0, 5, 6, 7]]  # the lone EOS tail is dropped
+
+
+def test_char_tokenizer_round_trip_and_unknowns():
+    tok = CharTokenizer.train(["hello world"])
+    assert tok.decode(tok.encode("hello")) == "hello"
+    assert tok.encode("hz")[1] == tok.unk_id
+    assert tokenizer_from_dict(json.loads(json.dumps(tok.to_dict()))).encode("world") == tok.encode("world")
+
+
+def test_bpe_is_trained_on_the_corpus_with_the_requested_size_and_cached(tmp_path):
+    texts = ["to be or not to be, that is the question " * 50, "whether tis nobler in the mind to suffer " * 50]
+    tok = train_bpe(texts, vocab_size=300)
+    assert 259 <= tok.vocab_size <= 300
+    s = "to be or not to be"
+    assert tok.decode(tok.encode(s)) == s
+    assert len(tok.encode(s)) < len(s)  # merges were learned
+    cache = tmp_path / "tok.json"
+    a = build_tokenizer("bpe", texts, 300, cache)
+    assert cache.exists()
+    b = build_tokenizer("bpe", ["something else entirely"], 300, cache)  # served from the cache
+    assert b.encode(s) == a.encode(s)
+    with pytest.raises(UserError, match="vocab_size"):
+        train_bpe(texts, vocab_size=100)
+
+
+def test_gpt2_tokenizer_offline_gives_gpt2_ids(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = load_gpt2()
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.vocab_size == 50257 and tok.eos_id == 50256 == tok.bos_id
+    assert tok.decode(tok.encode("Hello world, ça va?")) == "Hello world, ça va?"
+
+
+def test_folder_corpus_splits_by_whole_documents(text_folder):
+    path, docs = text_folder
+    corpus = load_corpus(str(path), val_fraction=0.2)
+    assert corpus.train == docs[:4] and corpus.val == docs[4:]
+
+
+def test_jsonl_corpus(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text("\n".join(json.dumps({"body": f"record {i} " * 30}) for i in range(10)))
+    corpus = load_corpus(str(f), val_fraction=0.1, text_key="body")
+    assert len(corpus.train) == 9 and corpus.val == ["record 9 " * 30]
+    with pytest.raises(UserError, match="'text'"):
+        load_corpus(str(f))
+
+
+def test_datamodule_blocks_vocab_and_unigram_entropy(text_folder, cache_root):
+    path, _ = text_folder
+    dm = TextDataModule(corpus=str(path), tokenizer="char", seq_len=32, batch_size=4, val_fraction=0.2)
+    dm.setup("fit")
+    train = dm.blocks("train")
+    assert train.shape[1] == 32 and train.max() < dm.model_vocab_size - 1  # the mask id never appears in data
+    assert dm.mask_id == dm.model_vocab_size - 1
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (4, 32) and batch["input_ids"].dtype == torch.int64
+    counts = np.bincount(dm.blocks("val").reshape(-1))
+    p = counts[counts > 0] / counts.sum()
+    assert dm.unigram_entropy("val") == pytest.approx(float(-(p * np.log(p)).sum()))
+    assert 0 < dm.unigram_entropy("val") < np.log(dm.model_vocab_size)
+    # the characters counted for bits/char are the text the blocks hold
+    assert dm.val_num_chars == sum(len(dm.tokenizer.decode(b.tolist())) for b in dm.blocks("val"))
+    # a second data module reuses the token cache and the tokenizer
+    dm2 = TextDataModule(corpus=str(path), tokenizer="char", seq_len=32, val_fraction=0.2)
+    assert np.array_equal(dm2.blocks("train"), train)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(corpus="/no/such/place"), "no such file or folder"),
+        (dict(tokenizer="wordpiece"), "unknown tokenizer"),
+        (dict(seq_len=1), "seq_len"),
+        (dict(val_fraction=1.5), "val_fraction"),
+    ],
+)
+def test_datamodule_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        TextDataModule(**kwargs)
+
+
+def test_empty_binary_and_non_utf8_corpora_are_user_errors(tmp_path, cache_root):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("   \n")
+    with pytest.raises(UserError, match="empty corpus"):
+        load_corpus(str(tmp_path / "empty"))
+    (tmp_path / "bin.txt").write_bytes(b"abc\x00\x01\x02" * 10)
+    with pytest.raises(UserError, match="binary"):
+        load_corpus(str(tmp_path / "bin.txt"))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 10)
+    with pytest.raises(UserError, match="UTF-8"):
+        load_corpus(str(tmp_path / "latin1.txt"))
+    (tmp_path / "short.txt").write_text("a few words\nand a line\n" * 3)
+    dm = TextDataModule(corpus=str(tmp_path / "short.txt"), tokenizer="char", seq_len=512)
+    with pytest.raises(UserError, match="fewer than one block"):
+        dm.setup("fit")
+
+
+def test_embedded_shakespeare_is_fetched_once_and_split_by_whole_plays(cache_root):
+    corpus = load_corpus("shakespeare")
+    assert len(corpus.val) == len(SHAKESPEARE_VAL) == 3
+    assert len(corpus.train) >= 35
+    assert any(doc.startswith("THE TEMPEST") or "TEMPEST" in doc[:200] for doc in corpus.val)
+    assert not any("TEMPEST" in doc[:200] for doc in corpus.train)
+    n_chars = sum(map(len, corpus.train + corpus.val))
+    assert 4_500_000 < n_chars < 5_500_000
+    assert any(cache_root.rglob("hamlet_gut.txt"))
