@@ -32,7 +32,21 @@ Run `mdlm-kit COMMAND --help` for the options of a command.
 """
 
 
-def _lightning_cli(argv: list[str]) -> None:
+def _quiet_lightning() -> None:
+    """Drop advertising and upstream deprecation noise from Lightning's output; keep everything else."""
+    import logging
+    import warnings
+
+    class _NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Tip:" not in str(record.msg)
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch"):
+        logging.getLogger(name).addFilter(_NoTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+def _lightning_cli(argv: list[str] | None) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -67,6 +81,7 @@ def _lightning_cli(argv: list[str]) -> None:
         def before_validate(self) -> None:
             self._place_outputs()
 
+    _quiet_lightning()
     MdlmCLI(
         MaskedDiffusionLM,
         TextDataModule,
@@ -90,7 +105,8 @@ COMMANDS = {"report": _report}
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    explicit = argv is not None
+    argv = list(argv if explicit else sys.argv[1:])
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
         sys.exit(0 if argv else 2)
@@ -104,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         if command in COMMANDS:
             COMMANDS[command](argv[1:])
         else:
-            _lightning_cli(argv)
+            _lightning_cli(argv if explicit else None)
     except UserError as e:
         _fail(str(e))
     except ArgumentError as e:

@@ -64,7 +64,9 @@ class MaskedDiffusionLM(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if vocab_size < 2:
-            raise UserError(f"model.vocab_size must be >= 2 (set it or let the data module supply it), got {vocab_size}")
+            raise UserError(
+                f"model.vocab_size must be >= 2 (set it or let the data module supply it), got {vocab_size}"
+            )
         if num_steps is not None and num_steps < 1:
             raise UserError(f"model.num_steps must be >= 1 or null (continuous time), got {num_steps}")
         if lr <= 0 or warmup_steps < 0 or (decay_steps is not None and decay_steps < 1):

@@ -17,7 +17,7 @@ Samplers start from that same all-masked state.
 
 Discrete time with T steps: t_i = i/T, s_i = (i-1)/T, and
 
-    NELBO_T(x) = sum_i E_{z_{t_i}} [ (alpha(s_i) - alpha(t_i)) / (1 - alpha(t_i)) * sum_{masked l} -log p(x^l | z_{t_i}) ]
+    NELBO_T(x) = sum_i E_{z_t_i} [ (alpha(s_i) - alpha(t_i)) / (1 - alpha(t_i)) * sum_{masked l} -log p(x^l | z_t_i) ]
 
 estimated with one uniformly drawn i per sequence (times T). It approaches
 the continuous NELBO from above as T grows.
@@ -211,5 +211,6 @@ def nelbo_from_keys(
     t = rng.stratified_times(seed, stream, keys)
     u = rng.token_uniforms(seed, stream, keys, x0.shape[1])
     return nelbo(
-        model, x0, t, u, schedule, mask_id, num_steps=num_steps, time_conditioning=time_conditioning, estimator=estimator
+        model, x0, t, u, schedule, mask_id,
+        num_steps=num_steps, time_conditioning=time_conditioning, estimator=estimator,
     )

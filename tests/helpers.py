@@ -25,11 +25,18 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
 
 
 def write_corpus(folder: Path, n_docs: int = 8, lines: int = 150, seed: int = 0) -> Path:
-    """A small corpus with learnable structure: sentences over a fixed word list."""
+    """A small corpus with learnable structure: lines drawn from a few fixed sentences, so a masked
+    character is predictable from its neighbours far beyond what character frequencies allow."""
     rng = random.Random(seed)
-    words = "the king and queen of the realm spoke softly while a fool sang of love and war".split()
+    sentences = [
+        "the king spoke softly to the queen.",
+        "a fool sang of love and of war.",
+        "now is the winter of our discontent.",
+        "all the world is a stage.",
+        "what light through yonder window breaks?",
+        "the rest is silence.",
+    ]
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n_docs):
-        text = "\n".join(" ".join(rng.choice(words) for _ in range(10)) + "." for _ in range(lines))
-        (folder / f"doc{i:02d}.txt").write_text(text)
+        (folder / f"doc{i:02d}.txt").write_text("\n".join(rng.choice(sentences) for _ in range(lines)))
     return folder

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from helpers import CONFIGS, run_cli, write_corpus
 
 

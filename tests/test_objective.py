@@ -169,7 +169,7 @@ def test_discrete_time_estimator_is_unbiased_and_approaches_continuous_time(rand
     assert torch.all((mean - exact_t[4]).abs() < 4 * se), (mean, exact_t[4], se)
     gaps = [float((exact_t[T] - exact).abs().max()) for T in (1, 4, 16, 64, 256, 1024)]
     assert all(a > b for a, b in zip(gaps, gaps[1:])), gaps
-    assert gaps[0] > 0.1 and gaps[-1] < 1e-3 * float(exact.min())
+    assert gaps[0] > 100 * gaps[-1] and gaps[-1] < 1e-3 * float(exact.min())
     # first-order convergence: 4x the steps, about 4x closer
     assert 2.5 < gaps[-2] / gaps[-1] < 6
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-from helpers import CONFIGS, run_cli, write_corpus
 
+from helpers import CONFIGS, run_cli, write_corpus
 from mdlm_kit.checkpoint import load_checkpoint
 from mdlm_kit.eval.likelihood import evaluate_nelbo
 
@@ -18,7 +18,7 @@ def trained(tmp_path_factory, cache_root):
     out = root / "run"
     proc = run_cli(
         "fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(corpus),
-        "--trainer.default_root_dir", str(out), "--trainer.max_steps", "120", "--trainer.val_check_interval", "20",
+        "--trainer.default_root_dir", str(out),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out

