@@ -73,3 +73,15 @@ def stratified_times(seed: int, stream: int, keys: Tensor) -> Tensor:
     # key * g in float64 is exact to ~1e-16 * key: far below any useful resolution for key < 2^40
     frac = torch.remainder(c + keys.to(torch.float64) * _GOLDEN_FRACTION, 1.0)
     return 1.0 - frac
+
+
+STREAM_SAMPLE = 4
+
+
+def combine(*parts: Tensor | int) -> Tensor:
+    """One int64 key from several integer indices (broadcast), by chained splitmix64."""
+    acc = None
+    for p in parts:
+        p = torch.as_tensor(p, dtype=torch.int64)
+        acc = splitmix64(p) if acc is None else splitmix64(acc ^ splitmix64(p))
+    return acc

@@ -1,0 +1,76 @@
+"""What every sampler shares: options, the template, per-sample noise keys."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from mdlm_kit import rng
+from mdlm_kit.errors import UserError
+from mdlm_kit.sampling.categorical import PRECISIONS, sample_categorical
+from mdlm_kit.schedules import Schedule
+
+# model(z, cond) -> logits (B, L, V); cond is the mask rate per sequence, or None for time-agnostic models
+Denoiser = Callable[[Tensor, "Tensor | None"], Tensor]
+
+
+@dataclass
+class SamplerOptions:
+    """Options of every sampler, validated on construction."""
+
+    steps: int | None = None  # time steps (ancestral); None: the sampler's default
+    temperature: float = 1.0
+    top_p: float = 1.0
+    precision: str = "float64"  # Gumbel noise precision: float64 (default) or float32 (truncates the tail)
+    seed: int = 0
+    tokens_per_step: int = 1  # fhs: >1 reveals several tokens per network call (approximate)
+
+    def __post_init__(self):
+        if self.steps is not None and self.steps < 1:
+            raise UserError(f"steps must be >= 1, got {self.steps}")
+        if not self.temperature > 0:
+            raise UserError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.tokens_per_step < 1:
+            raise UserError(f"tokens_per_step must be >= 1, got {self.tokens_per_step}")
+
+
+@dataclass
+class SamplingContext:
+    """A model and how to call it."""
+
+    model: Denoiser
+    schedule: Schedule
+    mask_id: int
+    time_conditioning: bool = False
+    calls: int = 0  # network evaluations so far
+
+    def logits(self, z: Tensor, mask_rate: Tensor) -> Tensor:
+        self.calls += 1
+        return self.model(z, mask_rate.float() if self.time_conditioning else None)
+
+
+def draw_tokens(ctx: SamplingContext, opts: SamplerOptions, logits: Tensor, rows: Tensor, cols: Tensor,
+                sample_keys: Tensor, step: int) -> Tensor:
+    """Sample the tokens at (rows, cols) from ``logits`` (B, L, V); noise keyed by (sample key, step, position)."""
+    keys = rng.combine(sample_keys[rows], step, 0, cols)  # 4 parts: never equal to a decision key (3 parts)
+    tokens, _ = sample_categorical(
+        logits[rows, cols], keys, opts.seed, ctx.mask_id, opts.temperature, opts.top_p, opts.precision
+    )
+    return tokens
+
+
+def step_uniforms(opts: SamplerOptions, sample_keys: Tensor, step: int, length: int, salt: int) -> Tensor:
+    """(B, L) float64 uniforms for one step's reveal decisions, per sample key."""
+    return rng.token_uniforms(opts.seed, rng.STREAM_SAMPLE, rng.combine(sample_keys, step, salt), length)
+
+
+def check_template(template: Tensor, mask_id: int) -> Tensor:
+    if template.dim() != 2:
+        raise UserError(f"template must be (batch, length), got shape {tuple(template.shape)}")
+    return template.clone()
