@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 
 quickstart: $(STAMP)
 	$(BIN)/mdlm-kit fit --config configs/shakespeare.yaml --trainer.default_root_dir $(RUN_DIR)
-	$(BIN)/mdlm-kit report --checkpoint $(RUN_DIR)/checkpoints/last.ckpt
+	$(BIN)/mdlm-kit report --checkpoint $(RUN_DIR)/checkpoints/last.ckpt --num_samples 3 --sample_length 96
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -9,13 +9,15 @@ from mdlm_kit.checkpoint import load_checkpoint
 from mdlm_kit.eval.likelihood import evaluate_nelbo
 
 
-def report(checkpoint: str, batch_size: int = 64, seed: int = 0) -> dict:
+def report(checkpoint: str, batch_size: int = 64, seed: int = 0, num_samples: int = 0, sample_length: int = 128) -> dict:
     """Print and return the validation NELBO bound, unigram entropy and bits per character of a checkpoint.
 
     Args:
         checkpoint: path to a ``.ckpt`` written by ``mdlm-kit fit``.
         batch_size: evaluation batch size (the result does not depend on it).
-        seed: seed of the evaluation's times and masks.
+        seed: seed of the evaluation's times and masks (and of the samples).
+        num_samples: add this many samples from the first-hitting sampler (``samples``).
+        sample_length: tokens per sample.
     """
     model, dm = load_checkpoint(checkpoint)
     val = dm.blocks("val")
@@ -32,5 +34,10 @@ def report(checkpoint: str, batch_size: int = 64, seed: int = 0) -> dict:
         "params": model.backbone.num_parameters(),
         "checkpoint": str(checkpoint),
     }
+    if num_samples > 0:
+        from mdlm_kit.generate import generate_samples
+
+        samples = generate_samples(model, dm.tokenizer, "fhs", num_samples, sample_length, seed=seed)
+        out["samples"] = [s["text"] for s in samples]
     print(json.dumps(out))
     return out

@@ -2,6 +2,7 @@
 
 - ``mdlm-kit fit|validate --config configs/X.yaml [...]``: LightningCLI over
   ``MaskedDiffusionLM`` and ``TextDataModule`` (``--print_config`` works).
+- ``mdlm-kit generate --checkpoint CKPT --sampler fhs ...``: samples as JSON lines.
 - ``mdlm-kit report --checkpoint CKPT``: validation NELBO, unigram entropy and bits per
   character of a trained checkpoint, as one JSON line.
 
@@ -25,8 +26,10 @@ Masked discrete diffusion language models.
 commands:
   fit        train a model:            mdlm-kit fit --config configs/shakespeare.yaml
   validate   evaluate on the val split: mdlm-kit validate --config CFG --ckpt_path CKPT
+  generate   samples as JSON lines:      mdlm-kit generate --checkpoint CKPT --sampler fhs
+                                        --num_samples N --length L --seed S [--prompt TEXT] [--output F.jsonl]
   report     NELBO, unigram entropy and bits/char of a checkpoint as JSON:
-                                        mdlm-kit report --checkpoint CKPT
+                                        mdlm-kit report --checkpoint CKPT [--num_samples 3]
 
 Run `mdlm-kit COMMAND --help` for the options of a command.
 """
@@ -101,7 +104,15 @@ def _report(argv: list[str]) -> None:
     CLI(report, args=argv, exit_on_error=False, as_positional=False)
 
 
-COMMANDS = {"report": _report}
+def _generate(argv: list[str]) -> None:
+    from jsonargparse import CLI
+
+    from mdlm_kit.generate import generate
+
+    CLI(generate, args=argv, exit_on_error=False, as_positional=False)
+
+
+COMMANDS = {"report": _report, "generate": _generate}
 
 
 def main(argv: list[str] | None = None) -> None:

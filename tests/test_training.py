@@ -5,23 +5,9 @@ import math
 import pytest
 import torch
 
-from helpers import CONFIGS, run_cli, write_corpus
+from helpers import run_cli
 from mdlm_kit.checkpoint import load_checkpoint
 from mdlm_kit.eval.likelihood import evaluate_nelbo
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache_root):
-    """The debug recipe trained on a small structured corpus (about 20 s on 2 cores)."""
-    root = tmp_path_factory.mktemp("train")
-    corpus = write_corpus(root / "corpus")
-    out = root / "run"
-    proc = run_cli(
-        "fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(corpus),
-        "--trainer.default_root_dir", str(out),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
 
 
 def _val_curve(out):

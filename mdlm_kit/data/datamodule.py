@@ -210,6 +210,8 @@ class TextDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored_tokenizer = state_dict.get("tokenizer")
+        if self._restored_tokenizer is not None:  # usable at once: generation needs no corpus
+            self.tokenizer = tokenizer_from_dict(self._restored_tokenizer)
 
 
 def token_counts_summary(dm: TextDataModule) -> dict:
