@@ -9,7 +9,9 @@ from mdlm_kit.checkpoint import load_checkpoint
 from mdlm_kit.eval.likelihood import evaluate_nelbo
 
 
-def report(checkpoint: str, batch_size: int = 64, seed: int = 0, num_samples: int = 0, sample_length: int = 128) -> dict:
+def report(
+    checkpoint: str, batch_size: int = 64, seed: int = 0, num_samples: int = 0, sample_length: int = 128
+) -> dict:
     """Print and return the validation NELBO bound, unigram entropy and bits per character of a checkpoint.
 
     Args:

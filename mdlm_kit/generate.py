@@ -42,7 +42,8 @@ def generate_samples(model, tokenizer, sampler: str = "fhs", num_samples: int = 
         template[:, : len(given)] = torch.tensor(given, device=device)
         tokens = sample_fn(ctx, template, torch.arange(lo, lo + n, device=device), opts)
         for i, row in enumerate(tokens.tolist()):
-            out.append({"index": lo + i, "text": tokenizer.decode(row), "tokens": row, "sampler": sampler, "seed": seed})
+            text = tokenizer.decode(row)
+            out.append({"index": lo + i, "text": text, "tokens": row, "sampler": sampler, "seed": seed})
         if bar is not None:
             bar.update(n)
     if bar is not None:
