@@ -53,10 +53,15 @@ def _base(seed: int, stream: int, device) -> Tensor:
     return splitmix64(splitmix64(s))
 
 
+def row_hash(seed: int, stream: int, keys: Tensor) -> Tensor:
+    """(B,) int64 state of each key's stream: uniform j of key b is derived from h[b] and j alone."""
+    keys = keys.to(torch.int64)
+    return splitmix64(_base(seed, stream, keys.device) ^ splitmix64(keys))
+
+
 def token_uniforms(seed: int, stream: int, keys: Tensor, length: int) -> Tensor:
     """(B, length) float64 uniforms for the samples with integer ``keys`` (B,)."""
-    keys = keys.to(torch.int64)
-    h = splitmix64(_base(seed, stream, keys.device) ^ splitmix64(keys))  # (B,)
+    h = row_hash(seed, stream, keys)  # (B,)
     pos = torch.arange(1, length + 1, dtype=torch.int64, device=keys.device) * _signed(_GOLDEN)
     return bits_to_uniform(splitmix64(h[:, None] + pos[None, :]))
 

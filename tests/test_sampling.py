@@ -142,3 +142,87 @@ def test_bad_sampler_options(kwargs, match):
         SamplerOptions(**kwargs)
     with pytest.raises(UserError, match="unknown sampler 'ddim'"):
         get_sampler("ddim")
+
+
+def test_float64_gumbel_reaches_the_tail_that_float32_cuts_off():
+    from mdlm_kit.sampling.categorical import gumbel
+
+    u = torch.tensor([1.0 - 2.0**-53, 1.0 - 2.0**-30], dtype=torch.float64)
+    g64, g32 = gumbel(u, "float64"), gumbel(u, "float32")
+    assert float(g64[0]) > 36.0 and float(g64[1]) > 20.0
+    assert float(g32.max()) < 16.7  # float32 cannot represent u closer to 1 than 2^-24
+
+
+def test_long_tail_frequency_matches_its_mass():
+    """One token at 0.5, the other half spread over 50,000 tokens: the default sampler's tail
+    frequency matches 0.5; the float32 option's deviation is measured and printed."""
+    tail = 50_000
+    logits = torch.cat([torch.tensor([math.log(0.5)]), torch.full((tail,), math.log(0.5 / tail)), torch.tensor([0.0])])
+    n = 2000
+    rows = logits.expand(n, -1)
+    freq = {}
+    for precision in ("float64", "float32"):
+        tok, _ = sample_categorical(rows, torch.arange(n), seed=0, mask_id=tail + 1, precision=precision)
+        assert not (tok == tail + 1).any()
+        freq[precision] = float((tok > 0).double().mean())
+    se = math.sqrt(0.25 / n)
+    assert abs(freq["float64"] - 0.5) < 4 * se
+    print(f"\ntail mass 0.5: float64 frequency {freq['float64']:.4f}, float32 {freq['float32']:.4f} (se {se:.4f})")
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(vocab_size=12, n_layers=1, d_model=16, n_heads=2, max_seq_len=16)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    return model
+
+
+def test_semi_ar_generates_beyond_the_models_length_in_blocks(small_model):
+    ctx = SamplingContext(small_model, make_schedule("loglinear"), 11, max_len=16)
+    template = torch.full((3, 40), 11)  # 2.5x the model's maximum length
+    template[:, :3] = torch.tensor([1, 2, 3])
+    template[:, 30] = 5
+    opts = SamplerOptions(block_length=8, seed=2)
+    out = get_sampler("semi_ar")(ctx, template, torch.arange(3), opts)
+    assert not (out == 11).any()
+    assert torch.all(out[:, :3] == torch.tensor([1, 2, 3])) and torch.all(out[:, 30] == 5)
+    alone = get_sampler("semi_ar")(ctx, template[1:2], torch.arange(1, 2), opts)
+    assert torch.equal(alone[0], out[1])
+    with pytest.raises(UserError, match="block_length 20"):
+        get_sampler("semi_ar")(ctx, template, torch.arange(3), SamplerOptions(block_length=20))
+
+
+def test_semi_ar_within_one_window_is_its_inner_sampler(tiny):
+    """With one block covering the sequence, semi_ar is fhs: the same exact distribution."""
+    probs = exact_distribution(tiny)
+    ctx = SamplingContext(tiny, make_schedule("linear"), MASK, max_len=8)
+    n = 20000
+    out = get_sampler("semi_ar")(ctx, torch.full((n, L), MASK), torch.arange(n), SamplerOptions(block_length=L))
+    assert chi_square_p(out, probs) > 1e-3
+
+
+def test_confidence_commits_the_most_confident_tokens_within_blocks(small_model):
+    ctx = SamplingContext(small_model, make_schedule("loglinear"), 11)
+    template = torch.full((4, 12), 11)
+    template[:, 0] = 2
+    opts = SamplerOptions(steps=6, block_length=4, seed=1)
+    out = get_sampler("confidence")(ctx, template, torch.arange(4), opts)
+    assert not (out == 11).any() and torch.all(out[:, 0] == 2)
+    assert ctx.calls <= 6
+    # one step per token, temperature -> 0: each step commits the single most confident position,
+    # and the result is the greedy (argmax) decoding order
+    ctx = SamplingContext(small_model, make_schedule("loglinear"), 11)
+    opts = SamplerOptions(steps=4, temperature=1e-4)
+    greedy = get_sampler("confidence")(ctx, template[:1, :5], torch.arange(1), opts)
+    z = template[:1, :5].clone()
+    with torch.no_grad():
+        for _ in range(4):
+            logits = small_model(z).double()
+            logits[..., 11] = float("-inf")
+            logp, tok = torch.log_softmax(logits, -1).max(-1)
+            logp[z != 11] = float("-inf")
+            pos = int(logp.argmax())
+            z[0, pos] = tok[0, pos]
+    assert torch.equal(greedy, z)

@@ -15,12 +15,16 @@ from mdlm_kit.errors import UserError
 from mdlm_kit.sampling.ancestral import ancestral, ancestral_cache
 from mdlm_kit.sampling.base import SamplerOptions, SamplingContext
 from mdlm_kit.sampling.categorical import sample_categorical
+from mdlm_kit.sampling.confidence import confidence
 from mdlm_kit.sampling.fhs import fhs
+from mdlm_kit.sampling.semi_ar import semi_ar
 
 SAMPLERS: dict[str, Callable] = {
     "ancestral": ancestral,
     "ancestral_cache": ancestral_cache,
     "fhs": fhs,
+    "semi_ar": semi_ar,
+    "confidence": confidence,
 }
 
 

@@ -26,6 +26,8 @@ class SamplerOptions:
     precision: str = "float64"  # Gumbel noise precision: float64 (default) or float32 (truncates the tail)
     seed: int = 0
     tokens_per_step: int = 1  # fhs: >1 reveals several tokens per network call (approximate)
+    block_length: int | None = None  # semi_ar / confidence: tokens per block (None: semi_ar half the window)
+    inner: str = "fhs"  # semi_ar: the diffusion sampler run inside each block
 
     def __post_init__(self):
         if self.steps is not None and self.steps < 1:
@@ -38,6 +40,8 @@ class SamplerOptions:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.tokens_per_step < 1:
             raise UserError(f"tokens_per_step must be >= 1, got {self.tokens_per_step}")
+        if self.block_length is not None and self.block_length < 1:
+            raise UserError(f"block_length must be >= 1, got {self.block_length}")
 
 
 @dataclass
@@ -48,6 +52,7 @@ class SamplingContext:
     schedule: Schedule
     mask_id: int
     time_conditioning: bool = False
+    max_len: int | None = None  # the model's maximum sequence length (semi_ar windows)
     calls: int = 0  # network evaluations so far
 
     def logits(self, z: Tensor, mask_rate: Tensor) -> Tensor:
@@ -59,8 +64,10 @@ def draw_tokens(ctx: SamplingContext, opts: SamplerOptions, logits: Tensor, rows
                 sample_keys: Tensor, step: int) -> Tensor:
     """Sample the tokens at (rows, cols) from ``logits`` (B, L, V); noise keyed by (sample key, step, position)."""
     keys = rng.combine(sample_keys[rows], step, 0, cols)  # 4 parts: never equal to a decision key (3 parts)
+    flat = logits.reshape(-1, logits.shape[-1])  # only the selected rows are read
     tokens, _ = sample_categorical(
-        logits[rows, cols], keys, opts.seed, ctx.mask_id, opts.temperature, opts.top_p, opts.precision
+        flat, keys, opts.seed, ctx.mask_id, opts.temperature, opts.top_p, opts.precision,
+        rows=rows * logits.shape[1] + cols,
     )
     return tokens
 

@@ -20,6 +20,9 @@ from torch import Tensor
 from mdlm_kit import rng
 
 PRECISIONS = ("float64", "float32")
+# When to use the fused Triton kernel: "auto" (CUDA tensors), "always" (tests run it under
+# TRITON_INTERPRET=1 on CPU) or "never".
+KERNEL = "auto"
 
 
 def gumbel(u: Tensor, precision: str = "float64") -> Tensor:
@@ -53,11 +56,24 @@ def sample_categorical(
     temperature: float = 1.0,
     top_p: float = 1.0,
     precision: str = "float64",
+    rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Draw one token per row of ``logits`` (N, V); never the mask. Returns (tokens (N,), log-probs (N,)).
+    """Draw one token per selected row of ``logits`` (N, V); never the mask.
 
-    Pure-torch reference of the masked categorical sampler; ``keys`` (N,) index the noise.
+    ``rows`` (R,) selects the rows to sample (default: all); ``keys`` (R,) index their noise.
+    Returns (tokens (R,), log-probabilities (R,)). On CUDA with float64 noise and no nucleus
+    truncation this runs the fused Triton kernel (``mdlm_kit.kernels.masked_categorical``),
+    which reads only the selected rows and draws the same tokens as this reference.
     """
+    if rows is None:
+        rows = torch.arange(logits.shape[0], device=logits.device)
+    use_kernel = KERNEL == "always" or (KERNEL == "auto" and logits.is_cuda)
+    if use_kernel and top_p == 1.0 and precision == "float64":
+        from mdlm_kit.kernels.masked_categorical import masked_categorical_triton
+
+        row_hash = rng.row_hash(seed, rng.STREAM_SAMPLE, keys)
+        return masked_categorical_triton(logits, rows, row_hash, mask_id, temperature)
+    logits = logits[rows]
     dtype = torch.float64 if precision == "float64" else torch.float32
     logp = filter_logp(logits, mask_id, temperature, top_p, dtype)
     u = rng.token_uniforms(seed, rng.STREAM_SAMPLE, keys, logits.shape[-1])
