@@ -6,7 +6,7 @@ running Gumbel-argmax; the mask token's column is skipped (SUBS: never sampled).
 rows listed in ``rows`` are read, so a sampler step reads just the positions it reveals.
 
 The Gumbel noise is generated in the kernel with the same counter-based generator as
-``mdlm_kit.rng`` (splitmix64 over (row key, vocabulary index), 53-bit uniforms,
+``mdlm_kit.rng`` (splitmix64 over (row key, vocabulary index), 52-bit uniforms,
 -log(-log u) in float64), so kernel and reference draw the same tokens for the same keys.
 
 Layering: ``_masked_gumbel_argmax_kernel`` (Triton) -> ``masked_categorical_triton``
@@ -92,9 +92,9 @@ if triton is not None:
             m_new = tl.maximum(m, tl.max(x, 0))
             s = s * tl.exp(m - m_new) + tl.sum(tl.where(valid, tl.exp(x - m_new), 0.0), 0)
             m = m_new
-            # Gumbel noise of mdlm_kit.rng: splitmix64(h + (v + 1) * golden), 53-bit uniforms
+            # Gumbel noise of mdlm_kit.rng: splitmix64(h + (v + 1) * golden), 52-bit uniforms
             z = _splitmix64(h + (cols.to(tl.uint64) + 1) * 0x9E3779B97F4A7C15)
-            u = ((z >> 11).to(tl.float64) + 0.5) * (1.0 / 9007199254740992.0)
+            u = ((z >> 12).to(tl.float64) + 0.5) * (1.0 / 4503599627370496.0)
             score = tl.where(valid, x - tl.log(-tl.log(u)), float("-inf"))
             chunk_best = tl.max(score, 0)
             chunk_i = tl.argmax(score, 0)

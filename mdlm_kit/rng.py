@@ -44,8 +44,12 @@ def splitmix64(x: Tensor) -> Tensor:
 
 
 def bits_to_uniform(z: Tensor) -> Tensor:
-    """Top 53 bits -> float64 uniform in the open interval (0, 1)."""
-    return (_shr(z, 11).to(torch.float64) + 0.5) * (2.0**-53)
+    """Top 52 bits -> float64 uniform in the open interval (0, 1), on the grid (m + 1/2) 2^-52.
+
+    52 bits, not 53: m + 1/2 must be exact in a 53-bit mantissa, or the largest m rounds to
+    u = 1 (and -log(-log u) to infinity). The extremes are 2^-53 and 1 - 2^-53.
+    """
+    return (_shr(z, 12).to(torch.float64) + 0.5) * (2.0**-52)
 
 
 def _base(seed: int, stream: int, device) -> Tensor:

@@ -229,6 +229,8 @@ def test_splitmix64_matches_the_reference_bits():
     xs = [0, 1, 12345, 2**40 + 7, 2**62 + 3]
     got = rng.splitmix64(torch.tensor(xs, dtype=torch.int64)).tolist()
     assert [g & ((1 << 64) - 1) for g in got] == [ref(x) for x in xs]
+    extremes = rng.bits_to_uniform(torch.tensor([-1, 0], dtype=torch.int64))  # all bits set, none set
+    assert float(extremes[0]) == 1 - 2.0**-53 and float(extremes[1]) == 2.0**-53
     u = rng.bits_to_uniform(rng.splitmix64(torch.arange(100000)))
     assert u.dtype == torch.float64 and 0 < float(u.min()) and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 0.005

@@ -226,3 +226,10 @@ def test_confidence_commits_the_most_confident_tokens_within_blocks(small_model)
             pos = int(logp.argmax())
             z[0, pos] = tok[0, pos]
     assert torch.equal(greedy, z)
+
+
+def test_fhs_with_several_tokens_per_step_needs_fewer_calls(small_model):
+    ctx = SamplingContext(small_model, make_schedule("linear"), 11)
+    template = torch.full((2, 12), 11)
+    out = get_sampler("fhs")(ctx, template, torch.arange(2), SamplerOptions(tokens_per_step=3))
+    assert not (out == 11).any() and ctx.calls == 4  # 12 tokens, 3 per call

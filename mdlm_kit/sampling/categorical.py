@@ -4,8 +4,9 @@ Gumbel-max with float32 noise cannot draw a Gumbel value above -log(-log(1 - 2^-
 so tokens whose log-probability sits more than ~16.6 + their rivals' noise below the top
 are never sampled: the tail is truncated and the effective temperature drops (Zheng et al.
 2024, "Masked diffusion models are secretly time-agnostic masked models and exploit
-inaccurate categorical sampling"). Uniforms here carry 53 bits and -log(-log u) is
-evaluated in float64, which reaches 36.7. ``precision="float32"`` reproduces the
+inaccurate categorical sampling"). Uniforms here carry 52 bits, are exact in float64
+and never 0 or 1, and -log(-log u) is evaluated in float64, reaching 36.7 (float64's log
+is accurate to an ulp of its result even next to u = 1). ``precision="float32"`` reproduces the
 truncated sampler for comparison.
 
 The noise is counter-based (``mdlm_kit.rng``): row r of a call uses uniforms keyed by
