@@ -62,3 +62,17 @@ def test_evaluation_does_not_depend_on_batch_size(trained):
     assert a["nelbo"] == pytest.approx(b["nelbo"], rel=1e-6)
     assert a["nelbo"] != c["nelbo"]
     assert abs(a["nelbo"] - c["nelbo"]) < 4 * math.hypot(a["stderr"], c["stderr"])
+
+
+def test_validate_subcommand_evaluates_a_checkpoint(trained, tmp_path):
+    from helpers import CONFIGS
+
+    proc = run_cli(
+        "validate", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(trained.parent / "corpus"),
+        "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "val/nelbo" in proc.stdout
+    # the validated number is the trained model's, far below the untrained log(V - 1)
+    value = float(proc.stdout.split("val/nelbo")[1].split()[1].strip("│|"))
+    assert value < _val_curve(trained)[0][1]
