@@ -45,3 +45,15 @@ def trained(tmp_path_factory, cache_root):
 @pytest.fixture(scope="session")
 def trained_ckpt(trained):
     return trained / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A random time-agnostic DiT over 4 tokens (+ the mask, id 4): small enough to enumerate."""
+    from mdlm_kit.models import DiT, DiTConfig
+
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(vocab_size=5, n_layers=2, d_model=32, n_heads=2, max_seq_len=8)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    return model

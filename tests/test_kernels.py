@@ -80,16 +80,3 @@ def test_fhs_through_the_kernel_draws_from_the_exact_distribution(tiny_model_and
     finally:
         categorical_mod.KERNEL = "auto"
     assert chi_square_p(out.cpu(), probs) > 1e-3
-
-
-@pytest.fixture(scope="module")
-def tiny_model_and_exact():
-    from test_sampling import V, exact_distribution
-
-    from mdlm_kit.models import DiT, DiTConfig
-
-    torch.manual_seed(0)
-    model = DiT(DiTConfig(vocab_size=V + 1, n_layers=2, d_model=32, n_heads=2, max_seq_len=8)).eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.5)
-    return model, exact_distribution(model)

@@ -13,15 +13,6 @@ from mdlm_kit.schedules import make_schedule
 V, L, MASK = 4, 4, 4  # four real tokens, the mask is id 4
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    model = DiT(DiTConfig(vocab_size=V + 1, n_layers=2, d_model=32, n_heads=2, max_seq_len=8)).eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.5)
-    return model
-
-
 def exact_distribution(model) -> torch.Tensor:
     """P(x) of the continuous-time reverse process of a time-agnostic model, alpha(1) = 0:
     any-order autoregression, P(x) = mean over orders of prod_i p(x_order_i | x revealed so far)."""
@@ -99,12 +90,8 @@ def test_network_calls_fhs_once_per_token_ancestral_once_per_step(tiny):
 
 @pytest.mark.parametrize("name", ["fhs", "ancestral", "ancestral_cache"])
 @pytest.mark.parametrize("schedule", ["loglinear", "cosine"])
-def test_infilling_keeps_given_tokens_and_samples_do_not_depend_on_the_batch(name, schedule):
-    torch.manual_seed(0)
-    model = DiT(DiTConfig(vocab_size=12, n_layers=1, d_model=16, n_heads=2, max_seq_len=16)).eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.5)
-    ctx = SamplingContext(model, make_schedule(schedule), 11)
+def test_infilling_keeps_given_tokens_and_samples_do_not_depend_on_the_batch(small_model, name, schedule):
+    ctx = SamplingContext(small_model, make_schedule(schedule), 11)
     template = torch.full((5, 10), 11)
     template[:, 0:2] = torch.tensor([3, 4])  # a prompt
     template[:, 6] = 7  # and a token to infill around
