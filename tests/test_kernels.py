@@ -67,10 +67,10 @@ def test_kernel_matches_the_library_sampler_and_its_distribution():
     assert torch.all((freq[:5] - probs.double()).abs() < 4 * torch.sqrt(probs.double() * (1 - probs.double()) / 1500))
 
 
-def test_fhs_through_the_kernel_draws_from_the_exact_distribution(tiny_model_and_exact):
-    from test_sampling import MASK, L, chi_square_p
+def test_fhs_through_the_kernel_draws_from_the_exact_distribution(tiny):
+    from test_sampling import MASK, L, chi_square_p, exact_distribution
 
-    model, probs = tiny_model_and_exact
+    model, probs = tiny, exact_distribution(tiny)
     ctx = SamplingContext(model.to(DEVICE), make_schedule("linear"), MASK)
     n = 1200
     categorical_mod.KERNEL = "always"
