@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from helpers import CONFIGS, run_cli, write_corpus
+from helpers import CONFIGS, random_dit, run_cli, write_corpus
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Triton kernels run under the interpreter on machines without a GPU; this must be set before triton is imported.
@@ -50,10 +50,4 @@ def trained_ckpt(trained):
 @pytest.fixture(scope="session")
 def tiny():
     """A random time-agnostic DiT over 4 tokens (+ the mask, id 4): small enough to enumerate."""
-    from mdlm_kit.models import DiT, DiTConfig
-
-    torch.manual_seed(0)
-    model = DiT(DiTConfig(vocab_size=5, n_layers=2, d_model=32, n_heads=2, max_seq_len=8)).eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.5)
-    return model
+    return random_dit(vocab_size=5, n_layers=2, d_model=32, max_seq_len=8)

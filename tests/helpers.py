@@ -40,3 +40,18 @@ def write_corpus(folder: Path, n_docs: int = 8, lines: int = 150, seed: int = 0)
     for i in range(n_docs):
         (folder / f"doc{i:02d}.txt").write_text("\n".join(rng.choice(sentences) for _ in range(lines)))
     return folder
+
+
+def random_dit(vocab_size: int, n_layers: int, d_model: int, max_seq_len: int, std: float = 0.5, seed: int = 0):
+    """A DiT in eval mode with every parameter drawn from N(0, std^2): predictions depend on the whole
+    input (the default init zeroes the output layer, which would make tests blind)."""
+    import torch
+
+    from mdlm_kit.models import DiT, DiTConfig
+
+    torch.manual_seed(seed)
+    model = DiT(DiTConfig(vocab_size=vocab_size, n_layers=n_layers, d_model=d_model, n_heads=2,
+                          max_seq_len=max_seq_len)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=std)
+    return model

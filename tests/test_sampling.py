@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
+from helpers import random_dit
 from mdlm_kit.errors import UserError
-from mdlm_kit.models import DiT, DiTConfig
 from mdlm_kit.sampling import SamplerOptions, SamplingContext, get_sampler
 from mdlm_kit.sampling.categorical import sample_categorical
 from mdlm_kit.schedules import make_schedule
@@ -159,11 +159,7 @@ def test_long_tail_frequency_matches_its_mass():
 
 @pytest.fixture(scope="module")
 def small_model():
-    torch.manual_seed(0)
-    model = DiT(DiTConfig(vocab_size=12, n_layers=1, d_model=16, n_heads=2, max_seq_len=16)).eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.5)
-    return model
+    return random_dit(vocab_size=12, n_layers=1, d_model=16, max_seq_len=16)
 
 
 def test_semi_ar_generates_beyond_the_models_length_in_blocks(small_model):
