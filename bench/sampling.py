@@ -33,7 +33,7 @@ def main() -> None:
     if args.checkpoint:
         from mdlm_kit.checkpoint import load_checkpoint
 
-        model, _ = load_checkpoint(args.checkpoint)
+        model, _ = load_checkpoint(args.checkpoint, kind="diffusion")
         backbone, schedule, mask_id = model.backbone, model.schedule, model.mask_id
         source = args.checkpoint
     else:

@@ -15,8 +15,23 @@ def _known_kwargs(cls, kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def load_checkpoint(path: str | Path, map_location: str = "cpu"):
-    """(MaskedDiffusionLM in eval mode, TextDataModule with the checkpoint's tokenizer) from a ``.ckpt`` file."""
+def _model_class(ckpt: dict):
+    """The LightningModule class that wrote ``ckpt``: recorded by the model, else by the CLI's class path."""
+    from mdlm_kit.lightning import MODELS, MaskedDiffusionLM
+
+    kind = ckpt.get("mdlm_kit_model")
+    if kind is None:
+        class_path = str(ckpt["hyper_parameters"].get("_class_path", ""))
+        kind = next((k for k, cls in MODELS.items() if class_path.endswith("." + cls.__name__)), None)
+    return MODELS.get(kind, MaskedDiffusionLM)
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu", kind: str | None = None):
+    """(model in eval mode, TextDataModule with the checkpoint's tokenizer) from a ``.ckpt`` file.
+
+    The model is a ``MaskedDiffusionLM`` or an ``AutoregressiveLM``, whichever wrote the checkpoint;
+    ``kind`` (``diffusion`` or ``autoregressive``) makes any other kind an error.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
@@ -27,9 +42,12 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu"):
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise UserError(f"{path} is not an mdlm-kit checkpoint (no state_dict/hyper_parameters)")
     from mdlm_kit.data import TextDataModule
-    from mdlm_kit.lightning import MaskedDiffusionLM
 
-    model = MaskedDiffusionLM(**_known_kwargs(MaskedDiffusionLM, ckpt["hyper_parameters"]))
+    cls = _model_class(ckpt)
+    if kind is not None and cls.kind != kind:
+        need = {"diffusion": "a masked diffusion model", "autoregressive": "an autoregressive model"}[kind]
+        raise UserError(f"{path} holds the {cls.kind} model {cls.__name__}; this command needs {need}")
+    model = cls(**_known_kwargs(cls, ckpt["hyper_parameters"]))
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

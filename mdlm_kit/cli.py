@@ -3,6 +3,8 @@
 - ``mdlm-kit fit|validate --config configs/X.yaml [...]``: LightningCLI over
   ``MaskedDiffusionLM`` and ``TextDataModule`` (``--print_config`` works).
 - ``mdlm-kit generate --checkpoint CKPT --sampler fhs ...``: samples as JSON lines.
+- ``mdlm-kit ppl --checkpoint CKPT [...]``: the perplexity benchmark (bound with error bars) as JSON.
+- ``mdlm-kit genppl --samples F.jsonl --scorer NAME|AR.ckpt``: generative perplexity and diversity.
 - ``mdlm-kit report --checkpoint CKPT``: validation NELBO, unigram entropy and bits per
   character of a trained checkpoint, as one JSON line.
 
@@ -28,6 +30,13 @@ commands:
   validate   evaluate on the val split: mdlm-kit validate --config CFG --ckpt_path CKPT
   generate   samples as JSON lines:      mdlm-kit generate --checkpoint CKPT --sampler fhs
                                         --num_samples N --length L --seed S [--prompt TEXT] [--output F.jsonl]
+  ppl        perplexity (bound) with error bars as JSON:
+                                        mdlm-kit ppl --checkpoint CKPT [--data PATH] [--num_t_samples K]
+                                        [--num_steps T] [--plot FILE.png]
+  genppl     gen-PPL of samples under a causal LM, with entropy and distinct-n:
+                                        mdlm-kit genppl --samples F.jsonl [--scorer gpt2-large|AR.ckpt]
+  check-likelihood  train on a source of known entropy, compare the bound with the truth:
+                                        mdlm-kit check-likelihood [--source markov|iid] [--steps N]
   report     NELBO, unigram entropy and bits/char of a checkpoint as JSON:
                                         mdlm-kit report --checkpoint CKPT [--num_samples 3]
 
@@ -55,7 +64,7 @@ def _lightning_cli(argv: list[str] | None) -> None:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from mdlm_kit.data import TextDataModule
-    from mdlm_kit.lightning import MaskedDiffusionLM
+    from mdlm_kit.lightning import LanguageModel
 
     class MdlmCLI(LightningCLI):
         @staticmethod
@@ -64,7 +73,9 @@ def _lightning_cli(argv: list[str] | None) -> None:
             return {k: full[k] for k in LIGHTNING_COMMANDS}
 
         def add_arguments_to_parser(self, parser) -> None:
-            parser.link_arguments("data.model_vocab_size", "model.vocab_size", apply_on="instantiate")
+            # the diffusion model unless the config names another (model.class_path: AutoregressiveLM)
+            parser.set_defaults({"model": {"class_path": "mdlm_kit.lightning.MaskedDiffusionLM"}})
+            parser.link_arguments("data.model_vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
         def _place_outputs(self) -> None:
             """Checkpoints in DIR/checkpoints (last.ckpt always), CSV and TensorBoard logs under DIR."""
@@ -86,8 +97,9 @@ def _lightning_cli(argv: list[str] | None) -> None:
 
     _quiet_lightning()
     MdlmCLI(
-        MaskedDiffusionLM,
+        LanguageModel,
         TextDataModule,
+        subclass_mode_model=True,
         args=argv,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
@@ -112,7 +124,49 @@ def _generate(argv: list[str]) -> None:
     CLI(generate, args=argv, exit_on_error=False, as_positional=False)
 
 
-COMMANDS = {"report": _report, "generate": _generate}
+def _ppl(argv: list[str]) -> None:
+    import json
+
+    from jsonargparse import CLI
+
+    from mdlm_kit.eval.ppl import perplexity
+
+    print(json.dumps(CLI(perplexity, args=argv, exit_on_error=False, as_positional=False)))
+
+
+def _genppl(argv: list[str]) -> None:
+    import json
+
+    from jsonargparse import CLI
+
+    from mdlm_kit.eval.genppl import genppl
+
+    print(json.dumps(CLI(genppl, args=argv, exit_on_error=False, as_positional=False)))
+
+
+def _check_likelihood(argv: list[str]) -> None:
+    import json
+
+    from jsonargparse import CLI
+
+    from mdlm_kit.eval.check import likelihood_check
+
+    _quiet_lightning()
+    result = CLI(likelihood_check, args=argv, exit_on_error=False, as_positional=False)
+    print(json.dumps(result))
+    if not result["bound_respected"]:
+        print("mdlm-kit: check failed: the NELBO is below the true entropy by more than 3 standard errors; "
+              "the bound is invalid (check the objective's weights)", file=sys.stderr)
+        sys.exit(1)
+
+
+COMMANDS = {
+    "report": _report,
+    "generate": _generate,
+    "ppl": _ppl,
+    "genppl": _genppl,
+    "check-likelihood": _check_likelihood,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,11 +192,39 @@ def main(argv: list[str] | None = None) -> None:
         _fail(_one_line(str(e)))
     except KeyboardInterrupt:
         _fail("interrupted")
+    except Exception as e:
+        # jsonargparse wraps errors raised while instantiating a subclass-mode model: find ours
+        cause = _user_error_in_chain(e)
+        if cause is None:
+            raise
+        _fail(str(cause))
+
+
+def _user_error_in_chain(e: BaseException) -> UserError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, UserError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _one_line(msg: str) -> str:
     lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
-    return " ".join(lines[:3]) if lines else "invalid arguments"
+    if not lines:
+        return "invalid arguments"
+    # a subclass-mode key (model): the useful part is what the named class said, not the Union preamble
+    for i, ln in enumerate(lines):
+        if ln.startswith("- Problem with given class_path"):
+            cls = ln.split("'")[1].rsplit(".", 1)[-1] if "'" in ln else "the model"
+            inner = []
+            for x in lines[i + 1 :]:
+                if x.startswith("- ") or x.startswith("Given value"):
+                    break
+                inner.append(x)
+            return f"{lines[0]} {' '.join(inner[:2]) or 'invalid value'} (by {cls})"
+    return " ".join(lines[:3])
 
 
 def _fail(msg: str) -> None:

@@ -1,4 +1,10 @@
-"""Thin Lightning glue: the training step calls the objective, validation accumulates it in float64."""
+"""Thin Lightning glue: the training step calls the objective, validation accumulates it in float64.
+
+Two models share the backbone, the optimizer and the bookkeeping: ``MaskedDiffusionLM`` (the
+bidirectional DiT on the NELBO) and ``AutoregressiveLM`` (the same DiT with causal attention on the
+next-token loss), so the two are compared on equal terms. The CLI picks one with ``model.class_path``
+(``MaskedDiffusionLM`` by default).
+"""
 
 from __future__ import annotations
 
@@ -12,86 +18,30 @@ from torchmetrics import SumMetric
 from mdlm_kit import rng
 from mdlm_kit.errors import UserError
 from mdlm_kit.models import DiT, DiTConfig
-from mdlm_kit.objective import ESTIMATORS, nelbo_from_keys
+from mdlm_kit.objective import ESTIMATORS, NelboTerms, autoregressive_nll, nelbo_from_keys
 from mdlm_kit.schedules import make_schedule
 
 
-class MaskedDiffusionLM(L.LightningModule):
-    """A masked diffusion language model trained on the Rao-Blackwellized NELBO.
+class LanguageModel(L.LightningModule):
+    """What both models share: a DiT backbone, AdamW with warmup and cosine decay, float64 validation.
 
-    Args:
-        vocab_size: model vocabulary including the mask token (the last id); linked from the data.
-        size: named backbone size (``debug``, ``tiny``, ``small``, ``medium``).
-        n_layers, d_model, n_heads, cond_dim, max_seq_len: override the named size.
-        dropout: dropout in the blocks.
-        time_conditioning: feed the noise level to the backbone (adaLN); off by default (time-agnostic).
-        schedule: noise schedule name (``loglinear``, ``linear``, ``cosine``, ``polynomial``, ``geometric``).
-        schedule_kwargs: arguments of the schedule, e.g. ``{eps: 1e-3}`` or ``{power: 2}``.
-        num_steps: None for the continuous-time NELBO, else the number T of discrete steps.
-        estimator: ``time`` (sample t, mask tokens independently), ``count`` (t integrated out in closed
-            form; same expectation, far lower variance; time-agnostic continuous-time models only) or
-            ``auto`` (``count`` where it applies, else ``time``). See ``mdlm_kit.objective``.
-        lr, weight_decay, betas: AdamW.
-        warmup_steps: linear learning-rate warmup.
-        decay_steps: cosine decay to ``min_lr_ratio * lr`` over this many steps after warmup (None: constant).
-        min_lr_ratio: final learning rate as a fraction of ``lr``.
-        seed: seed of the corruption noise (times and masks), independent of the data order.
+    Subclasses set ``kind`` and implement ``loss_terms``.
     """
 
-    def __init__(
-        self,
-        vocab_size: int = 0,
-        size: str = "tiny",
-        n_layers: int | None = None,
-        d_model: int | None = None,
-        n_heads: int | None = None,
-        cond_dim: int | None = None,
-        max_seq_len: int | None = None,
-        dropout: float = 0.0,
-        time_conditioning: bool = False,
-        schedule: str = "loglinear",
-        schedule_kwargs: dict | None = None,
-        num_steps: int | None = None,
-        estimator: str = "auto",
-        lr: float = 3e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 2500,
-        decay_steps: int | None = None,
-        min_lr_ratio: float = 0.1,
-        seed: int = 0,
-    ):
-        super().__init__()
-        self.save_hyperparameters()
+    kind: str = ""
+    causal: bool = False
+
+    def _build(
+        self, vocab_size: int, size: str, lr: float, warmup_steps: int, decay_steps: int | None, **backbone
+    ) -> None:
         if vocab_size < 2:
             raise UserError(
                 f"model.vocab_size must be >= 2 (set it or let the data module supply it), got {vocab_size}"
             )
-        if num_steps is not None and num_steps < 1:
-            raise UserError(f"model.num_steps must be >= 1 or null (continuous time), got {num_steps}")
         if lr <= 0 or warmup_steps < 0 or (decay_steps is not None and decay_steps < 1):
             raise UserError("model.lr must be > 0, warmup_steps >= 0 and decay_steps >= 1 or null")
-        self.schedule = make_schedule(schedule, **(schedule_kwargs or {}))
-        self.config = DiTConfig.from_name(
-            size,
-            vocab_size,
-            n_layers=n_layers,
-            d_model=d_model,
-            n_heads=n_heads,
-            cond_dim=cond_dim,
-            max_seq_len=max_seq_len,
-            dropout=dropout,
-            time_conditioning=time_conditioning,
-        )
-        count_ok = not time_conditioning and num_steps is None
-        if estimator == "auto":
-            estimator = "count" if count_ok else "time"
-        if estimator not in ESTIMATORS:
-            raise UserError(f"model.estimator: unknown estimator {estimator!r}; choose auto, {', '.join(ESTIMATORS)}")
-        if estimator == "count" and not count_ok:
-            raise UserError("model.estimator=count needs a time-agnostic model in continuous time (num_steps: null)")
-        self.estimator = estimator
-        self.backbone = DiT(self.config)
+        self.config = DiTConfig.from_name(size, vocab_size, **backbone)
+        self.backbone = DiT(self.config, causal=self.causal)
         self.mask_id = self.config.mask_id
         self.val_nelbo_sum = SumMetric().set_dtype(torch.float64)
         self.val_tokens = SumMetric().set_dtype(torch.float64)
@@ -99,6 +49,13 @@ class MaskedDiffusionLM(L.LightningModule):
 
     def forward(self, input_ids: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.backbone(input_ids, cond)
+
+    def loss_terms(self, x0: torch.Tensor, keys: torch.Tensor, stream: int) -> NelboTerms:
+        """Per-sequence loss (nats, float64) of clean blocks ``x0`` whose noise (if any) is keyed by ``keys``."""
+        raise NotImplementedError
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mdlm_kit_model"] = self.kind
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -114,20 +71,6 @@ class MaskedDiffusionLM(L.LightningModule):
                 f"({self.config.vocab_size}); the checkpoint was trained with another tokenizer"
             )
 
-    def _nelbo(self, batch: dict, keys: torch.Tensor, stream: int):
-        return nelbo_from_keys(
-            self.backbone,
-            batch["input_ids"],
-            keys,
-            self.schedule,
-            self.mask_id,
-            seed=self.hparams.seed,
-            stream=stream,
-            num_steps=self.hparams.num_steps,
-            time_conditioning=self.config.time_conditioning,
-            estimator=self.estimator,
-        )
-
     def _train_keys(self, batch: dict) -> torch.Tensor:
         """Position of each sample in the global training stream: batch counter, slot, rank."""
         n = self.trainer.fit_loop.epoch_loop.total_batch_idx
@@ -137,8 +80,7 @@ class MaskedDiffusionLM(L.LightningModule):
         return (n * bsz + slot) * world + rank
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        terms = self._nelbo(batch, self._train_keys(batch), rng.STREAM_TRAIN)
-        loss = terms.per_token()
+        loss = self.loss_terms(batch["input_ids"], self._train_keys(batch), rng.STREAM_TRAIN).per_token()
         self.log("train/nelbo", loss, prog_bar=True)
         now = time.perf_counter()
         if self._t_last is not None:
@@ -150,7 +92,7 @@ class MaskedDiffusionLM(L.LightningModule):
         self._t_last = None  # validation time is not training throughput
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        terms = self._nelbo(batch, batch["index"], rng.STREAM_VAL)
+        terms = self.loss_terms(batch["input_ids"], batch["index"], rng.STREAM_VAL)
         self.val_nelbo_sum.update(terms.per_seq)
         self.val_tokens.update(terms.num_tokens)
 
@@ -181,3 +123,136 @@ class MaskedDiffusionLM(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class MaskedDiffusionLM(LanguageModel):
+    """A masked diffusion language model trained on the Rao-Blackwellized NELBO.
+
+    Args:
+        vocab_size: model vocabulary including the mask token (the last id); linked from the data.
+        size: named backbone size (``debug``, ``tiny``, ``small``, ``medium``).
+        n_layers, d_model, n_heads, cond_dim, max_seq_len: override the named size.
+        dropout: dropout in the blocks.
+        time_conditioning: feed the noise level to the backbone (adaLN); off by default (time-agnostic).
+        schedule: noise schedule name (``loglinear``, ``linear``, ``cosine``, ``polynomial``, ``geometric``).
+        schedule_kwargs: arguments of the schedule, e.g. ``{eps: 1e-3}`` or ``{power: 2}``.
+        num_steps: None for the continuous-time NELBO, else the number T of discrete steps.
+        estimator: ``time`` (sample t, mask tokens independently), ``count`` (t integrated out in closed
+            form; same expectation, far lower variance; time-agnostic continuous-time models only) or
+            ``auto`` (``count`` where it applies, else ``time``). See ``mdlm_kit.objective``.
+        lr, weight_decay, betas: AdamW.
+        warmup_steps: linear learning-rate warmup.
+        decay_steps: cosine decay to ``min_lr_ratio * lr`` over this many steps after warmup (None: constant).
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        seed: seed of the corruption noise (times and masks), independent of the data order.
+    """
+
+    kind = "diffusion"
+
+    def __init__(
+        self,
+        vocab_size: int = 0,
+        size: str = "tiny",
+        n_layers: int | None = None,
+        d_model: int | None = None,
+        n_heads: int | None = None,
+        cond_dim: int | None = None,
+        max_seq_len: int | None = None,
+        dropout: float = 0.0,
+        time_conditioning: bool = False,
+        schedule: str = "loglinear",
+        schedule_kwargs: dict | None = None,
+        num_steps: int | None = None,
+        estimator: str = "auto",
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 2500,
+        decay_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if num_steps is not None and num_steps < 1:
+            raise UserError(f"model.num_steps must be >= 1 or null (continuous time), got {num_steps}")
+        self.schedule = make_schedule(schedule, **(schedule_kwargs or {}))
+        count_ok = not time_conditioning and num_steps is None
+        if estimator == "auto":
+            estimator = "count" if count_ok else "time"
+        if estimator not in ESTIMATORS:
+            raise UserError(f"model.estimator: unknown estimator {estimator!r}; choose auto, {', '.join(ESTIMATORS)}")
+        if estimator == "count" and not count_ok:
+            raise UserError("model.estimator=count needs a time-agnostic model in continuous time (num_steps: null)")
+        self.estimator = estimator
+        self._build(
+            vocab_size, size, lr, warmup_steps, decay_steps,
+            n_layers=n_layers, d_model=d_model, n_heads=n_heads, cond_dim=cond_dim, max_seq_len=max_seq_len,
+            dropout=dropout, time_conditioning=time_conditioning,
+        )
+
+    def loss_terms(self, x0: torch.Tensor, keys: torch.Tensor, stream: int) -> NelboTerms:
+        return nelbo_from_keys(
+            self.backbone,
+            x0,
+            keys,
+            self.schedule,
+            self.mask_id,
+            seed=self.hparams.seed,
+            stream=stream,
+            num_steps=self.hparams.num_steps,
+            time_conditioning=self.config.time_conditioning,
+            estimator=self.estimator,
+        )
+
+
+class AutoregressiveLM(LanguageModel):
+    """The autoregressive baseline: the same DiT with causal attention, trained on next-token NLL.
+
+    Every token of a block is scored, the first one given only a start token (the mask id, which
+    never occurs in data), so its loss covers exactly the tokens the diffusion NELBO covers.
+
+    Args:
+        vocab_size: model vocabulary including the mask/start token (the last id); linked from the data.
+        size: named backbone size (``debug``, ``tiny``, ``small``, ``medium``).
+        n_layers, d_model, n_heads, max_seq_len: override the named size.
+        dropout: dropout in the blocks.
+        lr, weight_decay, betas: AdamW.
+        warmup_steps: linear learning-rate warmup.
+        decay_steps: cosine decay to ``min_lr_ratio * lr`` over this many steps after warmup (None: constant).
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        seed: kept for symmetry with the diffusion model (the loss uses no noise).
+    """
+
+    kind = "autoregressive"
+    causal = True
+
+    def __init__(
+        self,
+        vocab_size: int = 0,
+        size: str = "tiny",
+        n_layers: int | None = None,
+        d_model: int | None = None,
+        n_heads: int | None = None,
+        max_seq_len: int | None = None,
+        dropout: float = 0.0,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 2500,
+        decay_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self._build(
+            vocab_size, size, lr, warmup_steps, decay_steps,
+            n_layers=n_layers, d_model=d_model, n_heads=n_heads, max_seq_len=max_seq_len, dropout=dropout,
+        )
+
+    def loss_terms(self, x0: torch.Tensor, keys: torch.Tensor, stream: int) -> NelboTerms:
+        return autoregressive_nll(self.backbone, x0, start_id=self.mask_id)
+
+
+MODELS = {cls.kind: cls for cls in (MaskedDiffusionLM, AutoregressiveLM)}

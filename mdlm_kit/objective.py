@@ -59,6 +59,7 @@ __all__ = [
     "nelbo",
     "nelbo_from_keys",
     "count_weights",
+    "autoregressive_nll",
     "ESTIMATORS",
 ]
 
@@ -75,6 +76,7 @@ class NelboTerms:
     per_seq: Tensor  # (B,) float64: diffusion + endpoint
     num_tokens: Tensor  # (B,) float64
     endpoint: Tensor  # (B,) float64: the endpoint part of per_seq (0 when alpha(1) = 0)
+    level: Tensor | None = None  # (B,) float64 noise level of each estimate: t (time), k/L (count); None for AR
 
     def per_token(self) -> Tensor:
         """Per-token NELBO of the batch: sum of sequence NELBOs over the sum of tokens."""
@@ -161,6 +163,9 @@ def nelbo(
     batch, length = x0.shape
     if estimator == "time":
         rate, weight = _step_weights(schedule, t, num_steps)
+        level = t.to(torch.float64)
+        if num_steps is not None:  # the grid time the estimate was taken at
+            level = torch.ceil(level * num_steps).clamp(1, num_steps) / num_steps
         zt, masked = corrupt(x0, rate, u, mask_id)
         logits = model(zt, rate.float() if time_conditioning else None)
     elif estimator == "count":
@@ -171,6 +176,7 @@ def nelbo(
         masked = ranks < k.unsqueeze(-1)
         zt = torch.where(masked, torch.full_like(x0, mask_id), x0)
         weight = length * count_weights(length, float(1.0 - schedule.alpha_at_one), x0.device)[k]
+        level = k.double() / length
         logits = model(zt, None)
     else:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
@@ -187,7 +193,23 @@ def nelbo(
         nll1 = -logp1.gather(-1, x0.T).T  # (B, L): -log p(x0[b, l] | all masked) at position l
         endpoint = alpha_one * nll1.double().sum(-1)
     num_tokens = torch.full((batch,), float(length), dtype=torch.float64, device=x0.device)
-    return NelboTerms(per_seq=per_seq + endpoint, num_tokens=num_tokens, endpoint=endpoint)
+    return NelboTerms(per_seq=per_seq + endpoint, num_tokens=num_tokens, endpoint=endpoint, level=level)
+
+
+def autoregressive_nll(model: Denoiser, x0: Tensor, start_id: int) -> NelboTerms:
+    """Exact -log p(x0) of a causal model, per sequence (float64 nats), every token scored.
+
+    The input is ``[start, x0[:-1]]`` and position l predicts ``x0[l]``, so the first token is
+    predicted from the start token alone. ``start_id`` (the mask id) never occurs in data and is
+    never predicted (its logit is -inf, as under SUBS): the same support as the diffusion model.
+    """
+    batch, length = x0.shape
+    start = torch.full((batch, 1), start_id, dtype=x0.dtype, device=x0.device)
+    logits = model(torch.cat([start, x0[:, :-1]], dim=1), None)  # (B, L, V)
+    nll = -subs_log_probs(logits, start_id).gather(-1, x0.unsqueeze(-1)).squeeze(-1)  # (B, L)
+    zeros = torch.zeros(batch, dtype=torch.float64, device=x0.device)
+    num_tokens = torch.full((batch,), float(length), dtype=torch.float64, device=x0.device)
+    return NelboTerms(per_seq=nll.double().sum(-1), num_tokens=num_tokens, endpoint=zeros)
 
 
 def nelbo_from_keys(

@@ -16,11 +16,17 @@ def _one_line_error(proc, match: str):
 def test_help_lists_the_commands():
     proc = run_cli("--help")
     assert proc.returncode == 0
-    for cmd in ("fit", "validate", "report"):
-        assert cmd in proc.stdout
+    for cmd in ("fit", "validate", "generate", "ppl", "genppl", "check-likelihood", "report"):
+        assert f"\n  {cmd} " in proc.stdout
     proc = run_cli("fit", "--help")
     assert proc.returncode == 0
-    assert "--model.schedule" in proc.stdout and "--data.corpus" in proc.stdout
+    assert "--model CONFIG | CLASS_PATH_OR_NAME" in proc.stdout and "--data.corpus" in proc.stdout
+    for model, option in (("MaskedDiffusionLM", "--model.schedule"), ("AutoregressiveLM", "--model.size")):
+        proc = run_cli("fit", "--model.help", model)
+        assert proc.returncode == 0 and option in proc.stdout, proc.stderr[-2000:]
+    for cmd, option in (("ppl", "--num_t_samples"), ("genppl", "--scorer"), ("check-likelihood", "--source")):
+        proc = run_cli(cmd, "--help")
+        assert proc.returncode == 0 and option in proc.stdout, (cmd, proc.stderr[-2000:])
 
 
 def test_print_config_resolves_the_debug_recipe():
