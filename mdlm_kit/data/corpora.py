@@ -138,8 +138,8 @@ def _split_documents(docs: list[str], val_fraction: float, where: str) -> tuple[
     return [train], [val]
 
 
-def load_path(path: str, val_fraction: float = 0.05, text_key: str = "text") -> Corpus:
-    """A text file, a JSONL file (one document per line), or a folder of ``.txt``/``.jsonl`` files."""
+def load_documents(path: str, text_key: str = "text") -> list[str]:
+    """The non-empty documents of a text file, a JSONL file (one per line) or a folder of them, unsplit."""
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(
@@ -158,8 +158,17 @@ def load_path(path: str, val_fraction: float = 0.05, text_key: str = "text") -> 
     for doc in docs:
         if "\x00" in doc:
             raise UserError(f"data.corpus {path} looks binary (NUL bytes); give it UTF-8 text")
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise UserError(f"data.corpus {path} holds no text (empty corpus); point it at files with text in them")
+    return docs
+
+
+def load_path(path: str, val_fraction: float = 0.05, text_key: str = "text") -> Corpus:
+    """A text file, a JSONL file (one document per line), or a folder of ``.txt``/``.jsonl`` files."""
+    docs = load_documents(path, text_key)
     train, val = _split_documents(docs, val_fraction, f"data.corpus {path}")
-    return Corpus(str(p), train, val)
+    return Corpus(str(Path(path).expanduser()), train, val)
 
 
 def load_corpus(corpus: str, val_fraction: float = 0.05, text_key: str = "text") -> Corpus:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -20,9 +18,11 @@ from mdlm_kit.utils import atomic_write, cache_dir
 log = logging.getLogger(__name__)
 
 
-def wrap_stream(docs: list[list[int]], bos_id: int, eos_id: int) -> np.ndarray:
-    """MDLM's "wrap": one stream [BOS] doc [EOS] [BOS] doc [EOS] ..."""
-    pieces = [np.asarray([bos_id, *ids, eos_id], dtype=np.int64) for ids in docs]
+def wrap_stream(docs: list[list[int]], bos_id: int | None, eos_id: int | None) -> np.ndarray:
+    """MDLM's "wrap": one stream [BOS] doc [EOS] [BOS] doc [EOS] ... (no separators where the ids are None)."""
+    pre = [] if bos_id is None else [bos_id]
+    post = [] if eos_id is None else [eos_id]
+    pieces = [np.asarray([*pre, *ids, *post], dtype=np.int64) for ids in docs]
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
 
 
@@ -75,6 +75,8 @@ class TextDataModule(L.LightningDataModule):
         val_fraction: share of documents held out when the corpus has no fixed split.
         text_key: field holding the text in JSONL records.
         num_workers: DataLoader workers.
+        separators: put BOS/EOS around each document before packing (MDLM's wrap); false concatenates
+            documents as they are (e.g. segments of one stream, as the likelihood checks write them).
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class TextDataModule(L.LightningDataModule):
         val_fraction: float = 0.05,
         text_key: str = "text",
         num_workers: int = 0,
+        separators: bool = True,
     ):
         super().__init__()
         if tokenizer not in TOKENIZERS:
@@ -98,11 +101,6 @@ class TextDataModule(L.LightningDataModule):
             raise UserError("data.batch_size and data.eval_batch_size must be >= 1")
         if not 0.0 < val_fraction < 1.0:
             raise UserError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
-        if corpus != "shakespeare" and not Path(corpus).expanduser().exists():
-            raise UserError(
-                f"data.corpus: no such file or folder: {corpus} "
-                "(use 'shakespeare' for the embedded corpus, or a path to .txt/.jsonl files)"
-            )
         self.save_hyperparameters()
         self.tokenizer: Tokenizer | None = None
         self._blocks: dict[str, np.ndarray] = {}
@@ -126,14 +124,13 @@ class TextDataModule(L.LightningDataModule):
             self.tokenizer = tokenizer_from_dict(self._restored_tokenizer)
         else:
             self.tokenizer = build_tokenizer(h.tokenizer, corpus.train, h.bpe_vocab_size, root / "tokenizer.json")
-        tok_hash = hashlib.sha256(json.dumps(self.tokenizer.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        tok_hash = self.tokenizer.fingerprint()
         for split, docs in (("train", corpus.train), ("val", corpus.val)):
-            path = root / f"{split}-{tok_hash}.npy"
+            path = root / f"{split}-{tok_hash}{'' if h.separators else '-nosep'}.npy"
             if path.exists():
                 stream = np.load(path, allow_pickle=False)
             else:
-                encoded = self.tokenizer.encode_batch(docs)
-                stream = wrap_stream(encoded, self.tokenizer.bos_id, self.tokenizer.eos_id)
+                stream = self.encode_stream(docs)
                 stream = stream.astype(_token_dtype(self.tokenizer.vocab_size))
                 _save_npy(path, stream)
             blocks = to_blocks(stream, h.seq_len)
@@ -150,6 +147,13 @@ class TextDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self.prepare()
+
+    def encode_stream(self, docs: list[str]) -> np.ndarray:
+        """Documents as one token stream with this module's tokenizer and separators (``prepare`` first)."""
+        encoded = self.tokenizer.encode_batch(docs)
+        if self.hparams.separators:
+            return wrap_stream(encoded, self.tokenizer.bos_id, self.tokenizer.eos_id)
+        return wrap_stream(encoded, None, None)
 
     # ---- what the model and the metrics need ----
 

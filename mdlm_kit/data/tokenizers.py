@@ -8,6 +8,7 @@ tokenizer's plus one, with the mask as the last id (MDLM's convention).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -44,6 +45,10 @@ class Tokenizer(ABC):
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
+
+    def fingerprint(self) -> str:
+        """Short hash of the vocabulary and merges: equal fingerprints mean equal token ids."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 class CharTokenizer(Tokenizer):

@@ -1,0 +1,199 @@
+"""``mdlm-kit ppl``: the perplexity benchmark of a checkpoint, as one JSON object.
+
+Protocol (written into the output so a number can be reproduced):
+
+- Data: by default the validation split of the data the checkpoint was trained on, packed exactly
+  as in training (same tokenizer, separators and block length). ``--data`` evaluates any corpus the
+  toolkit reads (``shakespeare``, a ``.txt``/``.jsonl`` file or a folder), tokenized with the
+  checkpoint's tokenizer; all of it unless ``--split`` says otherwise.
+- Diffusion models: the NELBO, an upper bound on -log p(x). ``--estimator time`` with one stratified
+  time per sequence is the MDLM protocol (as the papers report); ``--num_t_samples K`` averages K
+  stratified times per sequence to shrink the variance; ``--num_steps T`` evaluates the discrete-time
+  bound with T steps (default: continuous time). ``--estimator count`` integrates t out (lower
+  variance, time-agnostic models in continuous time). The endpoint term of schedules with
+  alpha(1) > 0 is included, never dropped.
+- Autoregressive models: the exact NLL, every token scored (the first from the start token).
+- ``stderr`` is the standard error of the per-token value over sequences, ``ci95`` the perplexity
+  interval exp(nelbo -+ 1.96 stderr). Sums in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from mdlm_kit.errors import UserError
+
+SPLITS = ("val", "train", "all")
+
+
+def _blocks(dm, data: str | None, split: str, seq_len: int, text_key: str):
+    """(N, seq_len) blocks of the requested data, tokenized and packed the way the checkpoint was trained."""
+    from mdlm_kit.data.corpora import load_corpus, load_documents
+    from mdlm_kit.data.datamodule import to_blocks
+
+    h = dm.hparams
+    if data is None and split != "all" and seq_len == h.seq_len:
+        return dm.blocks(split)
+    source, key = (data, text_key) if data else (h.corpus, h.text_key)
+    if split == "all" and source != "shakespeare":
+        docs = load_documents(source, key)  # every document, a single file not cut in two
+    else:
+        corpus = load_corpus(source, h.val_fraction, key)
+        docs = {"train": corpus.train, "val": corpus.val, "all": corpus.train + corpus.val}[split]
+    if dm.tokenizer is None:
+        dm.prepare()
+    stream = dm.encode_stream(docs)
+    blocks = to_blocks(stream, seq_len)
+    if len(blocks) == 0:
+        raise UserError(
+            f"{data or h.corpus} ({split}) holds {len(stream)} tokens, fewer than one block of {seq_len}; "
+            "give more text or a smaller --seq_len"
+        )
+    return blocks
+
+
+def plot_buckets(buckets: list[dict], endpoint: float, nelbo: float, xlabel: str, title: str, path: Path) -> None:
+    """Bar chart of each noise-level bucket's share of the NELBO, written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mdlm_kit.utils import atomic_write
+
+    lo = [b["lo"] for b in buckets]
+    width = buckets[0]["hi"] - buckets[0]["lo"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.bar(lo, [b["nats_per_token"] for b in buckets], width=width, align="edge", edgecolor="black", linewidth=0.4)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("contribution to the NELBO (nats/token)")
+    ax.set_xlim(0, 1)
+    note = f"NELBO {nelbo:.4f} nats/token"
+    if endpoint > 0:
+        note += f"\nendpoint term (t = 1) {endpoint:.4f}"
+    ax.text(0.02, 0.97, note, transform=ax.transAxes, va="top", fontsize=9)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+
+    def write(tmp: str) -> None:
+        fig.savefig(tmp, format="png")
+
+    try:
+        atomic_write(path, write)
+    finally:
+        plt.close(fig)
+
+
+def perplexity(
+    checkpoint: str,
+    data: str | None = None,
+    split: str | None = None,
+    seq_len: int | None = None,
+    text_key: str = "text",
+    estimator: str = "time",
+    num_t_samples: int = 1,
+    num_steps: int | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    max_sequences: int | None = None,
+    plot: str | None = None,
+    num_buckets: int = 20,
+    progress: bool = True,
+) -> dict:
+    """Perplexity (bound) of a checkpoint, as the dict ``mdlm-kit ppl`` prints.
+
+    Args:
+        checkpoint: a ``.ckpt`` written by ``mdlm-kit fit`` (masked diffusion or autoregressive).
+        data: corpus to evaluate (``shakespeare``, a .txt/.jsonl file or a folder); default: the
+            checkpoint's own training data.
+        split: ``val``, ``train`` or ``all`` (default: ``val`` of the checkpoint's data, ``all`` of ``--data``).
+        seq_len: tokens per block (default: the training block length; at most the model's maximum).
+        text_key: field holding the text in JSONL records of ``--data``.
+        estimator: ``time`` (the MDLM protocol: stratified t, independent masks) or ``count``
+            (t integrated out; time-agnostic models in continuous time).
+        num_t_samples: time samples per sequence, averaged (K); 1 is the papers' protocol.
+        num_steps: discrete-time bound with T steps; default continuous time.
+        batch_size: sequences per forward pass (the result does not depend on it).
+        seed: seed of the times and masks.
+        max_sequences: evaluate only the first N blocks (quick checks).
+        plot: write a PNG of the per-noise-level contribution to the NELBO to this file.
+        num_buckets: buckets of the plot and of ``buckets`` in the output.
+        progress: show a progress bar (on a terminal).
+    """
+    from mdlm_kit.checkpoint import load_checkpoint
+    from mdlm_kit.eval.likelihood import evaluate_likelihood
+    from mdlm_kit.objective import ESTIMATORS
+
+    split = split or ("all" if data else "val")
+    if split not in SPLITS:
+        raise UserError(f"--split: unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    if num_t_samples < 1 or batch_size < 1 or num_buckets < 1:
+        raise UserError("--num_t_samples, --batch_size and --num_buckets must be >= 1")
+    if num_steps is not None and num_steps < 1:
+        raise UserError(f"--num_steps must be >= 1 (or omitted for continuous time), got {num_steps}")
+    if estimator not in ESTIMATORS:
+        raise UserError(f"--estimator: unknown estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
+    if max_sequences is not None and max_sequences < 2:
+        raise UserError(f"--max_sequences must be >= 2 (a standard error needs two sequences), got {max_sequences}")
+    plot_path = Path(plot) if plot else None
+    if plot_path is not None and not plot_path.parent.is_dir():
+        raise UserError(f"--plot: folder {plot_path.parent} does not exist; create it or pick another path")
+
+    model, dm = load_checkpoint(checkpoint)
+    diffusion = model.kind == "diffusion"
+    if diffusion and estimator == "count" and (num_steps is not None or model.config.time_conditioning):
+        raise UserError("--estimator count needs continuous time (no --num_steps) and a time-agnostic model")
+    if plot_path is not None and not diffusion:
+        raise UserError("--plot draws the NELBO's time buckets; an autoregressive checkpoint has none")
+    seq_len = seq_len or dm.hparams.seq_len
+    if seq_len < 2 or seq_len > model.config.max_seq_len:
+        raise UserError(
+            f"--seq_len {seq_len} does not fit the model (2 to {model.config.max_seq_len} tokens); "
+            "lower --seq_len"
+        )
+    blocks = _blocks(dm, data, split, seq_len, text_key)
+    if max_sequences is not None:
+        blocks = blocks[:max_sequences]
+    if len(blocks) < 2:
+        raise UserError(f"only {len(blocks)} block of {seq_len} tokens to evaluate; a standard error needs two")
+
+    res = evaluate_likelihood(
+        model, blocks, batch_size=batch_size, seed=seed, num_steps=num_steps,
+        num_t_samples=num_t_samples, estimator=estimator, progress=progress,
+    )
+    out = res.summary()
+    nelbo, se = out["nelbo"], out["stderr"]
+    out = {
+        "nelbo": nelbo,
+        "ppl": math.exp(nelbo),
+        "stderr": se,
+        "ci95": [math.exp(nelbo - 1.96 * se), math.exp(nelbo + 1.96 * se)],
+        **{k: v for k, v in out.items() if k not in ("nelbo", "stderr")},
+        "model": model.kind,
+    }
+    if diffusion:
+        out["bound"] = "NELBO: an upper bound on -log p(x) per token"
+        out["endpoint_nats_per_token"] = res.endpoint / res.num_tokens.sum().item()
+        out["protocol"] = {
+            "estimator": estimator,
+            "num_t_samples": num_t_samples,
+            "time": "continuous" if num_steps is None else f"discrete, T={num_steps}",
+            "time_sampling": "stratified per sequence (golden-ratio sequence over keys i*K+k)",
+            "schedule": model.hparams.schedule,
+            "seed": seed,
+        }
+        buckets = res.buckets(num_buckets)
+        out["buckets"] = [round(b["nats_per_token"], 6) for b in buckets]
+    else:
+        out["bound"] = "exact -log p(x) per token (autoregressive)"
+        out["protocol"] = {"estimator": "exact", "first_token": "scored from the start token"}
+    out["data"] = {"corpus": data or dm.hparams.corpus, "split": split, "seq_len": seq_len,
+                   "separators": dm.hparams.separators}
+    out["checkpoint"] = str(checkpoint)
+    if plot_path is not None:
+        xlabel = "t (time)" if estimator == "time" else "k/L (fraction of tokens masked)"
+        title = f"{Path(checkpoint).name}: {out['data']['corpus']} ({split}), {len(blocks)} sequences"
+        plot_buckets(buckets, out["endpoint_nats_per_token"], nelbo, xlabel, title, plot_path)
+        out["plot"] = str(plot_path)
+    return out
