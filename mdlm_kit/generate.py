@@ -40,6 +40,7 @@ def generate_samples(model, tokenizer, sampler: str = "fhs", num_samples: int = 
         from tqdm import tqdm
 
         bar = tqdm(total=num_samples, desc=f"{sampler}", unit="sample", file=sys.stderr)
+    tok_id = tokenizer.fingerprint()
     for lo in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - lo)
         template = torch.full((n, length), model.mask_id, dtype=torch.long, device=device)
@@ -47,7 +48,8 @@ def generate_samples(model, tokenizer, sampler: str = "fhs", num_samples: int = 
         tokens = sample_fn(ctx, template, torch.arange(lo, lo + n, device=device), opts)
         for i, row in enumerate(tokens.tolist()):
             text = tokenizer.decode(row)
-            out.append({"index": lo + i, "text": text, "tokens": row, "sampler": sampler, "seed": seed})
+            out.append({"index": lo + i, "text": text, "tokens": row, "sampler": sampler, "seed": seed,
+                        "prompt_tokens": len(given), "tokenizer": tok_id, "precision": precision})
         if bar is not None:
             bar.update(n)
     if bar is not None:
@@ -90,7 +92,7 @@ def generate(checkpoint: str, sampler: str = "fhs", num_samples: int = 4, length
         raise UserError(f"--output {output}: the folder {Path(output).parent} does not exist")
     from mdlm_kit.checkpoint import load_checkpoint
 
-    model, dm = load_checkpoint(checkpoint)
+    model, dm = load_checkpoint(checkpoint, kind="diffusion")
     if dm.tokenizer is None:
         dm.prepare()
     samples = generate_samples(model, dm.tokenizer, sampler, num_samples, length, seed, steps, prompt,
