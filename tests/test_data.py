@@ -101,7 +101,23 @@ def test_datamodule_blocks_vocab_and_unigram_entropy(text_folder, cache_root):
 )
 def test_datamodule_rejects_bad_arguments(kwargs, match):
     with pytest.raises(UserError, match=match):
-        TextDataModule(**kwargs)
+        TextDataModule(**kwargs).prepare()  # a missing corpus is found when the data is first read
+
+
+def test_datamodule_without_separators_concatenates_documents(tmp_path, cache_root):
+    f = tmp_path / "c.jsonl"
+    docs = ["abcd" * 8, "dcba" * 8, "aabb" * 8, "ccdd" * 8, "abab" * 8]
+    f.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    plain = TextDataModule(corpus=str(f), tokenizer="char", seq_len=16, val_fraction=0.2, separators=False)
+    wrapped = TextDataModule(corpus=str(f), tokenizer="char", seq_len=16, val_fraction=0.2)
+    plain.prepare()
+    tok = plain.tokenizer
+    text = "".join(tok.decode(b.tolist()) for b in plain.blocks("train"))
+    assert text == "".join(docs[:4])  # 4 x 32 characters: 8 blocks, nothing between documents
+    assert plain.blocks("train").shape == (8, 16)
+    stream = wrapped.blocks("train").reshape(-1)
+    assert stream[0] == wrapped.tokenizer.bos_id and wrapped.tokenizer.eos_id in stream
+    assert tok.bos_id not in plain.blocks("train") and tok.eos_id not in plain.blocks("train")
 
 
 def test_empty_binary_and_non_utf8_corpora_are_user_errors(tmp_path, cache_root):
