@@ -88,6 +88,16 @@ def test_network_calls_fhs_once_per_token_ancestral_once_per_step(tiny):
     assert calls["ancestral"] > 10 * L  # every step until the last token is revealed
 
 
+def test_ancestral_cache_draws_exactly_what_ancestral_draws(small_model):
+    """Skipping the network when nothing changed is exact for a time-agnostic model: same noise, same samples."""
+    template = torch.full((6, 10), 11)
+    outs = []
+    for name in ("ancestral", "ancestral_cache"):
+        ctx = SamplingContext(small_model, make_schedule("loglinear"), 11)
+        outs.append(get_sampler(name)(ctx, template, torch.arange(6), SamplerOptions(steps=300, seed=5)))
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("name", ["fhs", "ancestral", "ancestral_cache"])
 @pytest.mark.parametrize("schedule", ["loglinear", "cosine"])
 def test_infilling_keeps_given_tokens_and_samples_do_not_depend_on_the_batch(small_model, name, schedule):
