@@ -37,9 +37,12 @@ def test_report_beats_the_unigram_entropy_and_is_consistent(trained):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads(proc.stdout.strip().splitlines()[-1])
     # an untrained model (zero output layer) scores log(V - 1) per token; training must beat token frequencies
-    assert rep["val_nelbo"] < rep["unigram_entropy"] - 3 * rep["val_nelbo_stderr"]
+    assert rep["val_nelbo"] < rep["unigram_entropy"] - 3 * rep["stderr"]
     assert rep["val_bpc"] == pytest.approx(rep["val_nelbo"] * rep["val_tokens"] / math.log(2) / rep["val_chars"])
-    assert rep["val_ppl_bound"] == pytest.approx(math.exp(rep["val_nelbo"]))
+    assert rep["ppl"] == pytest.approx(math.exp(rep["val_nelbo"]))
+    lo, hi = rep["ci95"]
+    assert lo == pytest.approx(math.exp(rep["val_nelbo"] - 1.96 * rep["stderr"]))
+    assert lo < rep["ppl"] < hi and hi == pytest.approx(math.exp(rep["val_nelbo"] + 1.96 * rep["stderr"]))
 
 
 def test_checkpoint_holds_ema_weights_and_the_tokenizer(trained):
