@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from mdlm_kit import rng
+from mdlm_kit.kernels.weighted_ce import weighted_linear_cross_entropy
 from mdlm_kit.schedules import Schedule
 
 __all__ = [
@@ -77,10 +78,12 @@ class NelboTerms:
     num_tokens: Tensor  # (B,) float64
     endpoint: Tensor  # (B,) float64: the endpoint part of per_seq (0 when alpha(1) = 0)
     level: Tensor | None = None  # (B,) float64 noise level of each estimate: t (time), k/L (count); None for AR
+    total: Tensor | None = None  # differentiable sum of per_seq when per_seq itself is detached (masked-only head)
 
     def per_token(self) -> Tensor:
         """Per-token NELBO of the batch: sum of sequence NELBOs over the sum of tokens."""
-        return self.per_seq.sum() / self.num_tokens.sum()
+        total = self.per_seq.sum() if self.total is None else self.total
+        return total / self.num_tokens.sum()
 
 
 def subs_log_probs(logits: Tensor, mask_id: int) -> Tensor:
@@ -144,6 +147,8 @@ def nelbo(
     num_steps: int | None = None,
     time_conditioning: bool = False,
     estimator: str = "time",
+    masked_only: bool = False,
+    kernel: str = "auto",
 ) -> NelboTerms:
     """One-sample NELBO estimate per sequence.
 
@@ -159,6 +164,10 @@ def nelbo(
         estimator: ``time`` (sample t, mask each token with probability 1 - alpha(t)) or
             ``count`` (t integrated out: sample the number of masked tokens; time-agnostic
             models in continuous time only). ``t`` is the stratified uniform for either.
+        masked_only: for models with ``features`` and ``final.linear`` (the DiT), project only the
+            masked rows, through the fused weighted cross-entropy (same value and gradients; then
+            ``per_seq`` is detached and ``total`` carries the gradient).
+        kernel: the fused cross-entropy's row step: ``auto`` (Triton on CUDA), ``always``, ``never``.
     """
     batch, length = x0.shape
     if estimator == "time":
@@ -167,7 +176,7 @@ def nelbo(
         if num_steps is not None:  # the grid time the estimate was taken at
             level = torch.ceil(level * num_steps).clamp(1, num_steps) / num_steps
         zt, masked = corrupt(x0, rate, u, mask_id)
-        logits = model(zt, rate.float() if time_conditioning else None)
+        cond = rate.float() if time_conditioning else None
     elif estimator == "count":
         if time_conditioning or num_steps is not None:
             raise ValueError("the count estimator needs a time-agnostic model and continuous time")
@@ -177,11 +186,24 @@ def nelbo(
         zt = torch.where(masked, torch.full_like(x0, mask_id), x0)
         weight = length * count_weights(length, float(1.0 - schedule.alpha_at_one), x0.device)[k]
         level = k.double() / length
-        logits = model(zt, None)
+        cond = None
     else:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
-    nll = masked_nll(logits, x0, masked, mask_id)  # (B, L) float32
-    per_seq = (nll.double() * weight.unsqueeze(-1)).sum(-1)
+    total = None
+    if masked_only and hasattr(model, "features"):
+        # logits only where the loss is non-zero: gather the masked rows before the output projection
+        b_idx, l_idx = masked.nonzero(as_tuple=True)
+        h = model.features(zt, cond)[b_idx, l_idx]  # (N, D)
+        row_w = weight[b_idx]  # (N,) float64
+        head = model.final.linear
+        diffusion, nll_rows = weighted_linear_cross_entropy(h, head.weight, head.bias, x0[b_idx, l_idx], row_w,
+                                                            mask_id, kernel=kernel)
+        per_seq = torch.zeros(batch, dtype=torch.float64, device=x0.device)
+        per_seq.index_add_(0, b_idx, nll_rows.double() * row_w)
+    else:
+        nll = masked_nll(model(zt, cond), x0, masked, mask_id)  # (B, L) float32
+        per_seq = (nll.double() * weight.unsqueeze(-1)).sum(-1)
+        diffusion = None
 
     endpoint = torch.zeros(batch, dtype=torch.float64, device=x0.device)
     alpha_one = schedule.alpha_at_one
@@ -193,7 +215,9 @@ def nelbo(
         nll1 = -logp1.gather(-1, x0.T).T  # (B, L): -log p(x0[b, l] | all masked) at position l
         endpoint = alpha_one * nll1.double().sum(-1)
     num_tokens = torch.full((batch,), float(length), dtype=torch.float64, device=x0.device)
-    return NelboTerms(per_seq=per_seq + endpoint, num_tokens=num_tokens, endpoint=endpoint, level=level)
+    if diffusion is not None:
+        total = diffusion + endpoint.sum()
+    return NelboTerms(per_seq=per_seq + endpoint, num_tokens=num_tokens, endpoint=endpoint, level=level, total=total)
 
 
 def autoregressive_nll(model: Denoiser, x0: Tensor, start_id: int) -> NelboTerms:
@@ -223,6 +247,8 @@ def nelbo_from_keys(
     num_steps: int | None = None,
     time_conditioning: bool = False,
     estimator: str = "time",
+    masked_only: bool = False,
+    kernel: str = "auto",
 ) -> NelboTerms:
     """``nelbo`` with times and masks drawn from (seed, stream, key) per sequence.
 
@@ -235,4 +261,5 @@ def nelbo_from_keys(
     return nelbo(
         model, x0, t, u, schedule, mask_id,
         num_steps=num_steps, time_conditioning=time_conditioning, estimator=estimator,
+        masked_only=masked_only, kernel=kernel,
     )

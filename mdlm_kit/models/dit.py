@@ -124,12 +124,16 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(cfg.d_model, cfg.vocab_size)
         self.adaLN = nn.Linear(cfg.cond_dim, 2 * cfg.d_model) if cond else None
 
-    def forward(self, x: Tensor, c: Tensor | None) -> Tensor:
+    def features(self, x: Tensor, c: Tensor | None) -> Tensor:
+        """What the output projection sees: (B, S, D)."""
         x = self.norm(x)
         if self.adaLN is not None:
             shift, scale = self.adaLN(c)[:, None].chunk(2, dim=-1)
             x = modulate(x, shift, scale)
-        return self.linear(x)
+        return x
+
+    def forward(self, x: Tensor, c: Tensor | None) -> Tensor:
+        return self.linear(self.features(x, c))
 
 
 class DiT(nn.Module):
@@ -169,6 +173,14 @@ class DiT(nn.Module):
                 nn.init.zeros_(ada.bias)
 
     def forward(self, input_ids: Tensor, cond: Tensor | None = None) -> Tensor:
+        return self.final.linear(self.features(input_ids, cond))  # (B, S, V)
+
+    def features(self, input_ids: Tensor, cond: Tensor | None = None) -> Tensor:
+        """Hidden states right before the output projection ``final.linear``: (B, S, D).
+
+        The loss needs logits only where tokens are masked; the objective gathers those rows from
+        here and projects them itself (``mdlm_kit.kernels.weighted_ce``).
+        """
         B, S = input_ids.shape
         if S > self.config.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds the model's max_seq_len {self.config.max_seq_len}")
@@ -180,7 +192,7 @@ class DiT(nn.Module):
         x = self.embed(input_ids)  # (B, S, D)
         for block in self.blocks:
             x = block(x, self.rotary, c)
-        return self.final(x, c)  # (B, S, V)
+        return self.final.features(x, c)  # (B, S, D)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,187 @@
+"""Fused linear + weighted cross-entropy over selected rows, without the logits of the whole batch.
+
+The NELBO only needs -log p(x_l | z_t) at masked positions, weighted per row:
+
+    loss = sum_i w_i * ( logsumexp_{v != ignore} (h_i . W_v + b_v) - (h_i . W_{y_i} + b_{y_i}) )
+
+``weighted_linear_cross_entropy`` computes it chunk by chunk over the rows (as fused linear
+cross-entropy in Liger-Kernel): a chunk's logits (rows x vocabulary, float32) are formed, turned
+into per-row losses and, in the same pass, into the gradient w_i (softmax_i - onehot(y_i)), which is
+multiplied straight into the gradients of h, W and b. No (N, V) tensor ever exists, and the
+backward pass only scales the stored gradients by the incoming scalar. The ``ignore`` column (the
+mask token, SUBS) gets probability 0 and gradient 0.
+
+Layering: ``_weighted_ce_rows_kernel`` (Triton: one program per row streams the vocabulary twice,
+online log-sum-exp, then the gradient in place) -> ``weighted_ce_rows_triton`` (launcher) ->
+``_FusedLinearWeightedCE`` (autograd.Function, chunk loop) -> ``weighted_linear_cross_entropy``.
+``weighted_ce_rows_reference`` is the pure-torch row step with the kernel's signature, used on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def weighted_ce_rows_reference(logits: Tensor, targets: Tensor, row_weights: Tensor, ignore_index: int,
+                               write_grad: bool) -> Tensor:
+    """Per-row NLL (float32) of float32 ``logits`` (n, V), which it overwrites; if ``write_grad``, with
+    d(sum_i w_i nll_i)/d logits = w_i (softmax_i - onehot(y_i)), zero in the ignored column.
+
+    In place and in few passes (max; subtract and exponentiate; sum; scale): the chunk is the only
+    large buffer, and on CPU these passes, not the matmuls, are what the fused path adds.
+    """
+    rows = torch.arange(len(targets), device=logits.device)
+    logits[:, ignore_index] = float("-inf")
+    x_y = logits[rows, targets]  # (n,)
+    m = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+    e = logits.sub_(m).exp_()  # unnormalized probabilities; exp(-inf) = 0 in the ignored column
+    s = e.sum(-1)  # (n,)
+    nll = m.squeeze(-1) + torch.log(s) - x_y
+    if not write_grad:
+        return nll
+    w = row_weights.to(e.dtype)
+    e.mul_((w / s)[:, None])  # w_i softmax_i
+    e[rows, targets] -= w
+    return nll
+
+
+try:  # Triton is optional: the reference serves CPUs and machines without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _weighted_ce_rows_kernel(
+        logits_ptr,  # *fp32 (n, V), row stride `stride_row`, unit column stride; gradient written in place
+        targets_ptr,  # *int64 (n,)
+        weights_ptr,  # *fp32 (n,) row weights w_i
+        nll_ptr,  # *fp32 (n,) out: -log p(y_i)
+        V,  # vocabulary size
+        stride_row,  # elements between rows
+        ignore_index,  # column with probability 0 (the mask token)
+        WRITE_GRAD: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)  # int64 offsets: n * V can exceed 2^31
+        base = logits_ptr + pid * stride_row
+        y = tl.load(targets_ptr + pid)
+        # pass 1: online max and sum of exponentials over the vocabulary
+        m = tl.full((), float("-inf"), tl.float32)
+        s = tl.zeros((), tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            valid = (cols < V) & (cols != ignore_index)
+            x = tl.load(base + cols, mask=valid, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+        lse = m + tl.log(s)
+        x_y = tl.load(base + y).to(tl.float32)
+        tl.store(nll_ptr + pid, lse - x_y)
+        if WRITE_GRAD:
+            # pass 2: gradient w (softmax - onehot), 0 at the ignored column
+            w = tl.load(weights_ptr + pid).to(tl.float32)
+            for start in range(0, V, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                inside = cols < V
+                x = tl.load(base + cols, mask=inside, other=0.0).to(tl.float32)
+                p = tl.exp(x - lse)
+                p = tl.where(cols == ignore_index, 0.0, p)
+                p = tl.where(cols == y, p - 1.0, p)
+                tl.store(base + cols, p * w, mask=inside)
+
+
+def weighted_ce_rows_triton(logits: Tensor, targets: Tensor, row_weights: Tensor, ignore_index: int,
+                            write_grad: bool) -> Tensor:
+    """Launcher of ``_weighted_ce_rows_kernel``; same contract as ``weighted_ce_rows_reference``."""
+    if triton is None:  # pragma: no cover
+        raise RuntimeError("triton is not installed")
+    n, V = logits.shape
+    assert logits.dtype == torch.float32 and logits.stride(1) == 1
+    nll = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n == 0:
+        return nll
+    block = min(4096, triton.next_power_of_2(V))
+    _weighted_ce_rows_kernel[(n,)](
+        logits, targets.contiguous(), row_weights.float().contiguous(), nll, V, logits.stride(0), ignore_index,
+        WRITE_GRAD=write_grad, BLOCK_V=block,
+    )
+    return nll
+
+
+def _rows_step(use_kernel: bool):
+    return weighted_ce_rows_triton if use_kernel else weighted_ce_rows_reference
+
+
+class _FusedLinearWeightedCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, row_weights, ignore_index, chunk_rows, use_kernel, needs_grad):
+        n_rows = h.shape[0]
+        step = _rows_step(use_kernel)
+        nll = torch.empty(n_rows, dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if needs_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if needs_grad else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if needs_grad else None
+        w_mat = weight.to(h.dtype)
+        # one float32 buffer for every chunk: fresh 64 MB allocations cost page faults on every chunk
+        buf = torch.empty(min(chunk_rows, n_rows), weight.shape[0], dtype=torch.float32, device=h.device)
+        for lo in range(0, n_rows, chunk_rows):
+            hc = h[lo : lo + chunk_rows]  # (n, D)
+            logits = buf[: len(hc)]  # (n, V)
+            if h.dtype == torch.float32:
+                if bias is not None:  # the bias added inside the matmul, no second pass
+                    torch.addmm(bias.float(), hc, w_mat.T, out=logits)
+                else:
+                    torch.mm(hc, w_mat.T, out=logits)
+            else:  # low-precision matmul, float32 logits
+                logits.copy_(hc @ w_mat.T if bias is None else torch.addmm(bias.to(hc.dtype), hc, w_mat.T))
+            nll[lo : lo + len(hc)] = step(logits, targets[lo : lo + len(hc)], row_weights[lo : lo + len(hc)],
+                                          ignore_index, needs_grad)
+            if needs_grad:  # logits now hold d loss / d logits for this chunk
+                grad_h[lo : lo + len(hc)] = (logits.to(h.dtype) @ w_mat).to(h.dtype)
+                grad_w.addmm_(logits.T, hc.float())
+                grad_b += logits.sum(0)
+        if needs_grad:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype),
+                                  grad_b.to(bias.dtype) if bias is not None else grad_b)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(nll)
+        loss = (nll.double() * row_weights.double()).sum()
+        return loss, nll
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_nll):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        g = grad_loss.to(grad_h.dtype)
+        return (grad_h * g, grad_w * g.to(grad_w.dtype), (grad_b * g.to(grad_b.dtype)) if ctx.has_bias else None,
+                None, None, None, None, None, None)
+
+
+def weighted_linear_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                                  row_weights: Tensor, ignore_index: int, chunk_rows: int | None = None,
+                                  kernel: str = "auto") -> tuple[Tensor, Tensor]:
+    """sum_i w_i CE(h_i W^T + b, y_i) with the ``ignore_index`` column excluded, chunk by chunk.
+
+    Args:
+        h: (N, D) hidden states of the selected rows (float32 or bf16/fp16).
+        weight: (V, D) output projection; bias: (V,) or None.
+        targets: (N,) int64 target ids.
+        row_weights: (N,) weights w_i (float); not differentiated.
+        ignore_index: the column with probability 0 (the mask token).
+        chunk_rows: rows per chunk (default: about 64 MB of float32 logits).
+        kernel: ``auto`` (Triton on CUDA, the torch row step elsewhere), ``always`` or ``never``.
+    Returns:
+        the weighted sum (float64 scalar, differentiable w.r.t. h, weight, bias) and the per-row
+        NLL (N,) float32 (not differentiable).
+    """
+    V = weight.shape[0]
+    chunk_rows = chunk_rows or max(1, (1 << 24) // V)
+    use_kernel = kernel == "always" or (kernel == "auto" and h.is_cuda and triton is not None)
+    # ctx.needs_input_grad ignores torch.no_grad(): decide here, so evaluation computes no gradients
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))
+    return _FusedLinearWeightedCE.apply(h, weight, bias, targets, row_weights, ignore_index, chunk_rows,
+                                        use_kernel, needs_grad)
