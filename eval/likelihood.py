@@ -129,6 +129,8 @@ def evaluate_likelihood(
             num_steps=num_steps,
             time_conditioning=model.config.time_conditioning,
             estimator=estimator or model.estimator,
+            masked_only=model.hparams.get("masked_only", True),
+            kernel=model.hparams.get("ce_kernel", "auto"),
         )
         per_seq.append(terms.per_seq.cpu().view(-1, K).mean(1))
         tokens.append(terms.num_tokens.cpu().view(-1, K)[:, 0])

@@ -50,6 +50,12 @@ class LanguageModel(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.backbone(input_ids, cond)
 
+    def configure_model(self) -> None:
+        if self.hparams.get("compile") and not getattr(self, "_compiled", False):
+            for block in self.backbone.blocks:  # the blocks hold the work; the head is the fused loss's
+                block.compile()
+            self._compiled = True
+
     def loss_terms(self, x0: torch.Tensor, keys: torch.Tensor, stream: int) -> NelboTerms:
         """Per-sequence loss (nats, float64) of clean blocks ``x0`` whose noise (if any) is keyed by ``keys``."""
         raise NotImplementedError
@@ -111,7 +117,10 @@ class LanguageModel(L.LightningModule):
         for name, p in self.backbone.named_parameters():
             (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        opt = torch.optim.AdamW(groups, lr=h.lr, betas=tuple(h.betas))
+        fused = h.get("fused_adamw")
+        if fused is None:  # measured on 2 CPU cores: +4% tokens/s (bench/train.py --fused_adamw on|off)
+            fused = self.device.type in ("cuda", "cpu")
+        opt = torch.optim.AdamW(groups, lr=h.lr, betas=tuple(h.betas), fused=bool(fused))
 
         def lr_lambda(step: int) -> float:
             if step < h.warmup_steps:
@@ -145,6 +154,11 @@ class MaskedDiffusionLM(LanguageModel):
         decay_steps: cosine decay to ``min_lr_ratio * lr`` over this many steps after warmup (None: constant).
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         seed: seed of the corruption noise (times and masks), independent of the data order.
+        masked_only: compute logits only at masked positions (the loss is exactly 0 elsewhere), through
+            the fused weighted cross-entropy; same loss and gradients, less time and memory.
+        ce_kernel: the fused cross-entropy's row step: ``auto`` (Triton on CUDA), ``always``, ``never``.
+        compile: ``torch.compile`` the backbone's blocks.
+        fused_adamw: AdamW's fused implementation (None: on CUDA and CPU).
     """
 
     kind = "diffusion"
@@ -171,9 +185,15 @@ class MaskedDiffusionLM(LanguageModel):
         decay_steps: int | None = None,
         min_lr_ratio: float = 0.1,
         seed: int = 0,
+        masked_only: bool = True,
+        ce_kernel: str = "auto",
+        compile: bool = False,
+        fused_adamw: bool | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        if ce_kernel not in ("auto", "always", "never"):
+            raise UserError(f"model.ce_kernel must be auto, always or never, got {ce_kernel!r}")
         if num_steps is not None and num_steps < 1:
             raise UserError(f"model.num_steps must be >= 1 or null (continuous time), got {num_steps}")
         self.schedule = make_schedule(schedule, **(schedule_kwargs or {}))
@@ -203,6 +223,8 @@ class MaskedDiffusionLM(LanguageModel):
             num_steps=self.hparams.num_steps,
             time_conditioning=self.config.time_conditioning,
             estimator=self.estimator,
+            masked_only=self.hparams.masked_only,
+            kernel=self.hparams.ce_kernel,
         )
 
 
