@@ -30,6 +30,7 @@ class LanguageModel(L.LightningModule):
 
     kind: str = ""
     causal: bool = False
+    metric: str = "nelbo"  # what the logged loss is: a bound (nelbo) or the exact likelihood (nll)
 
     def _build(
         self, vocab_size: int, size: str, lr: float, warmup_steps: int, decay_steps: int | None, **backbone
@@ -87,7 +88,7 @@ class LanguageModel(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss_terms(batch["input_ids"], self._train_keys(batch), rng.STREAM_TRAIN).per_token()
-        self.log("train/nelbo", loss, prog_bar=True)
+        self.log(f"train/{self.metric}", loss, prog_bar=True)
         now = time.perf_counter()
         if self._t_last is not None:
             self.log("train/tokens_per_s", batch["input_ids"].numel() * self.trainer.world_size / (now - self._t_last))
@@ -106,7 +107,7 @@ class LanguageModel(L.LightningModule):
         total = self.val_tokens.compute()
         if total > 0:
             nelbo = self.val_nelbo_sum.compute() / total
-            self.log("val/nelbo", nelbo.float(), prog_bar=True)
+            self.log(f"val/{self.metric}", nelbo.float(), prog_bar=True)
             self.log("val/ppl", torch.exp(nelbo).float())
         self.val_nelbo_sum.reset()
         self.val_tokens.reset()
@@ -118,8 +119,17 @@ class LanguageModel(L.LightningModule):
             (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = h.get("fused_adamw")
-        if fused is None:  # measured on 2 CPU cores: +4% tokens/s (bench/train.py --fused_adamw on|off)
-            fused = self.device.type in ("cuda", "cpu")
+        # Lightning cannot clip gradients of a fused optimizer under mixed precision (it unscales inside)
+        trainer = self._trainer
+        mixed = trainer is not None and "mixed" in str(trainer.precision)
+        clipping = trainer is not None and bool(trainer.gradient_clip_val)
+        if fused is None:  # measured on 2 CPU cores: +2-4% tokens/s (bench/train.py --fused_adamw on|off)
+            fused = self.device.type in ("cuda", "cpu") and not (mixed and clipping)
+        elif fused and mixed and clipping:
+            raise UserError(
+                "model.fused_adamw=true cannot be combined with mixed precision and trainer.gradient_clip_val; "
+                "set model.fused_adamw to null (automatic) or false, or turn clipping off"
+            )
         opt = torch.optim.AdamW(groups, lr=h.lr, betas=tuple(h.betas), fused=bool(fused))
 
         def lr_lambda(step: int) -> float:
@@ -248,6 +258,7 @@ class AutoregressiveLM(LanguageModel):
 
     kind = "autoregressive"
     causal = True
+    metric = "nll"
 
     def __init__(
         self,

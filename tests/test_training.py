@@ -117,3 +117,17 @@ def test_masked_only_head_trains_the_same_loss_curve(tmp_path, cache_root):
     diffs = [abs(a - b) for a, b in zip(fast, full)]
     assert max(diffs) < 1e-4, max(diffs)
     assert sum(full[-20:]) / 20 < sum(full[:20]) / 20 - 0.4  # and it did train
+
+
+def test_bf16_mixed_precision_with_clipping_trains(tmp_path, cache_root):
+    """Fused AdamW (the default) cannot be clipped under mixed precision: the model falls back to the
+    plain one, and forcing fused there is a one-line error."""
+    from helpers import CONFIGS, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", n_docs=3, lines=40)
+    common = ["fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(corpus),
+              "--trainer.max_steps", "3", "--trainer.precision", "bf16-mixed", "--trainer.val_check_interval", "3"]
+    proc = run_cli(*common, "--trainer.default_root_dir", str(tmp_path / "a"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_cli(*common, "--model.fused_adamw", "true", "--trainer.default_root_dir", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "cannot be combined with mixed precision" in proc.stderr.strip().splitlines()[-1]
