@@ -11,9 +11,10 @@ What is scored and counted:
   with the same tokenizer (the records' ``tokenizer`` fingerprint), the sampled token ids are scored
   as they are, each conditioned on the ones before it; the given tokens (BOS and prompt,
   ``prompt_tokens``) are context, not scored. Otherwise the text is retokenized with the scorer's
-  tokenizer, a BOS (the scorer's, else its EOS; the start token for toolkit checkpoints) is put in
-  front and every text token is scored; text longer than the scorer's context is cut into windows,
-  each starting afresh after a BOS.
+  tokenizer (the prompt and the generated part separately, the prompt as unscored context), a BOS
+  (the scorer's, else its EOS; the start token for toolkit checkpoints) is put in front and every
+  generated token is scored; text longer than the scorer's context is cut into windows, each
+  starting afresh after a BOS.
 - ``gen_ppl`` = exp(total NLL / total scored tokens) over all samples; ``stderr`` is the standard
   error of the per-token NLL over samples, ``ci95`` the resulting perplexity interval.
 - ``entropy``: the mean over samples of the entropy (nats) of a sample's own token frequencies, and
@@ -61,13 +62,23 @@ def _windows(ids: list[int], size: int) -> list[list[int]]:
     return [ids[i : i + size] for i in range(0, len(ids), size)] or [[]]
 
 
+def _retokenize(rec: dict, encode) -> tuple[list[int], int]:
+    """(ids, context): the prompt, when the record names it, is context and not scored."""
+    prompt, completion = rec.get("prompt"), rec.get("completion")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        context = encode(prompt) if prompt else []
+        return context + encode(completion), len(context)
+    return encode(rec["text"]), 0
+
+
 class ToolkitScorer:
     """An ``AutoregressiveLM`` checkpoint of this toolkit."""
 
-    def __init__(self, checkpoint: str):
+    def __init__(self, checkpoint: str, device: str = "cpu"):
         from mdlm_kit.checkpoint import load_checkpoint
 
         self.model, dm = load_checkpoint(checkpoint, kind="autoregressive")
+        self.model.to(device)
         if dm.tokenizer is None:
             dm.prepare()
         self.tokenizer = dm.tokenizer
@@ -79,7 +90,7 @@ class ToolkitScorer:
         tokens = rec.get("tokens")
         if rec.get("tokenizer") == self.tokenizer.fingerprint() and isinstance(tokens, list) and tokens:
             return [int(t) for t in tokens], int(rec.get("prompt_tokens", 0)), False
-        return self.tokenizer.encode(rec["text"]), 0, True
+        return *_retokenize(rec, self.tokenizer.encode), True
 
     @torch.no_grad()
     def nll(self, ids: list[int], context: int) -> tuple[float, int]:
@@ -126,19 +137,21 @@ class HFScorer:
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", None) or 1024)
 
     def prepare(self, rec: dict) -> tuple[list[int], int, bool]:
-        return self.tokenizer(rec["text"], add_special_tokens=False)["input_ids"], 0, True
+        return *_retokenize(rec, lambda t: self.tokenizer(t, add_special_tokens=False)["input_ids"]), True
 
     @torch.no_grad()
     def nll(self, ids: list[int], context: int) -> tuple[float, int]:
-        total, count = 0.0, 0
+        total, count, offset = 0.0, 0, 0
         for window in _windows(ids, self.max_len - 1):
             if not window:
                 continue
             x = torch.tensor([[self.bos, *window]], dtype=torch.long, device=self.model.device)
             logits = self.model(input_ids=x).logits[:, :-1].float()
             nll = -torch.log_softmax(logits, -1)[0].gather(-1, x[0, 1:].unsqueeze(-1)).squeeze(-1).double()
-            total += float(nll.sum())
-            count += len(window)
+            scored = torch.arange(len(window), device=nll.device) + offset >= context
+            total += float(nll[scored].sum())
+            count += int(scored.sum())
+            offset += len(window)
         return total, count
 
 
@@ -146,7 +159,7 @@ def make_scorer(scorer: str, device: str = "cpu"):
     if scorer.endswith(".ckpt"):
         if not Path(scorer).expanduser().is_file():
             raise UserError(f"--scorer: checkpoint not found: {scorer}")
-        return ToolkitScorer(scorer)
+        return ToolkitScorer(scorer, device)
     return HFScorer(scorer, device)
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
+
 from mdlm_kit.errors import UserError
 
 SPLITS = ("val", "train", "all")
@@ -100,6 +102,7 @@ def perplexity(
     plot: str | None = None,
     num_buckets: int = 20,
     progress: bool = True,
+    device: str = "auto",
 ) -> dict:
     """Perplexity (bound) of a checkpoint, as the dict ``mdlm-kit ppl`` prints.
 
@@ -120,6 +123,7 @@ def perplexity(
         plot: write a PNG of the per-noise-level contribution to the NELBO to this file.
         num_buckets: buckets of the plot and of ``buckets`` in the output.
         progress: show a progress bar (on a terminal).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     """
     from mdlm_kit.checkpoint import load_checkpoint
     from mdlm_kit.eval.likelihood import evaluate_likelihood
@@ -140,7 +144,12 @@ def perplexity(
     if plot_path is not None and not plot_path.parent.is_dir():
         raise UserError(f"--plot: folder {plot_path.parent} does not exist; create it or pick another path")
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise UserError(f"--device {device}: choose auto, cpu or cuda (cuda needs a GPU)")
     model, dm = load_checkpoint(checkpoint)
+    model.to(device)
     diffusion = model.kind == "diffusion"
     if diffusion and estimator == "count" and (num_steps is not None or model.config.time_conditioning):
         raise UserError("--estimator count needs continuous time (no --num_steps) and a time-agnostic model")

@@ -49,6 +49,7 @@ def generate_samples(model, tokenizer, sampler: str = "fhs", num_samples: int = 
         for i, row in enumerate(tokens.tolist()):
             text = tokenizer.decode(row)
             out.append({"index": lo + i, "text": text, "tokens": row, "sampler": sampler, "seed": seed,
+                        "prompt": prompt or "", "completion": tokenizer.decode(row[len(given):]),
                         "prompt_tokens": len(given), "tokenizer": tok_id, "precision": precision})
         if bar is not None:
             bar.update(n)

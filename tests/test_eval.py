@@ -214,20 +214,33 @@ def test_genppl_with_a_hugging_face_causal_lm_retokenizes_the_text(tmp_path):
     folder = tmp_path / "scorer"
     lm.save_pretrained(folder)
     hf_tok.save_pretrained(folder)
-    texts = ["the rest is silence.", "all the world is a stage, and more text than one window holds"]
+    records = [
+        {"text": "the rest is silence."},
+        {"text": "all the world is a stage, and more text than one window holds"},
+        # a prompted sample: the prompt is context, only the completion is scored
+        {"text": "now is the winter of our discontent", "prompt": "now is the",
+         "completion": " winter of our discontent"},
+    ]
     samples = tmp_path / "s.jsonl"
-    samples.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    samples.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = _json(run_cli("genppl", "--samples", str(samples), "--scorer", str(folder)))
     assert out["scoring"] == "retokenized text"
-    ids = [hf_tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    assert out["num_scored_tokens"] == sum(map(len, ids))
+
+    def enc(t):
+        return hf_tok(t, add_special_tokens=False)["input_ids"]
+
+    seqs = [(enc(r["text"]), 0) for r in records[:2]]
+    seqs.append((enc(records[2]["prompt"]) + enc(records[2]["completion"]), len(enc(records[2]["prompt"]))))
+    assert out["num_scored_tokens"] == sum(len(ids) - ctx for ids, ctx in seqs)
     total = 0.0
     with torch.no_grad():
-        for seq in ids:
-            for lo in range(0, len(seq), 15):  # windows of n_positions - 1 tokens, each after the EOS
-                x = torch.tensor([[0, *seq[lo : lo + 15]]])
+        for ids, ctx in seqs:
+            for lo in range(0, len(ids), 15):  # windows of n_positions - 1 tokens, each after the EOS
+                x = torch.tensor([[0, *ids[lo : lo + 15]]])
                 logp = torch.log_softmax(lm(input_ids=x).logits[0, :-1].float(), -1)
-                total -= float(logp.gather(-1, x[0, 1:, None]).sum())
+                nll = -logp.gather(-1, x[0, 1:, None]).squeeze(-1)
+                keep = torch.arange(lo, lo + nll.numel()) >= ctx
+                total += float(nll[keep].sum())
     assert out["gen_nll"] == pytest.approx(total / out["num_scored_tokens"], rel=1e-5)
 
 
