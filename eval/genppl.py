@@ -24,7 +24,6 @@ What is scored and counted:
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -35,24 +34,12 @@ from mdlm_kit.errors import UserError
 
 
 def read_samples(path: str) -> list[dict]:
+    from mdlm_kit.data.corpora import read_jsonl_records
+
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"--samples: no such file: {path} (write one with mdlm-kit generate --output FILE.jsonl)")
-    records = []
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"--samples {path} is not UTF-8 text; expected JSON lines from mdlm-kit generate") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-            raise UserError(f"{path}:{lineno}: expected an object with a string field 'text'")
-        records.append(rec)
+    records = read_jsonl_records(p, "text")
     if len(records) < 2:
         raise UserError(f"--samples {path} holds {len(records)} samples; gen-PPL with an error bar needs at least 2")
     return records

@@ -105,8 +105,9 @@ def load_shakespeare() -> Corpus:
     return Corpus("shakespeare", train, val)
 
 
-def _read_jsonl(path: Path, text_key: str) -> list[str]:
-    docs = []
+def read_jsonl_records(path: Path, text_key: str, hint: str = "") -> list[dict]:
+    """The JSON objects of a JSONL file, each with a string field ``text_key``; one-line errors otherwise."""
+    records = []
     for lineno, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
@@ -115,9 +116,13 @@ def _read_jsonl(path: Path, text_key: str) -> list[str]:
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-            raise UserError(f"{path}:{lineno}: expected an object with a string field {text_key!r} (--data.text_key)")
-        docs.append(record[text_key])
-    return docs
+            raise UserError(f"{path}:{lineno}: expected an object with a string field {text_key!r}{hint}")
+        records.append(record)
+    return records
+
+
+def _read_jsonl(path: Path, text_key: str) -> list[str]:
+    return [r[text_key] for r in read_jsonl_records(path, text_key, " (--data.text_key)")]
 
 
 def _split_documents(docs: list[str], val_fraction: float, where: str) -> tuple[list[str], list[str]]:
