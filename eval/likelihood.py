@@ -83,8 +83,14 @@ def _batches(blocks: np.ndarray, batch_size: int, device, progress: bool, desc: 
 
     starts = range(0, len(blocks), batch_size)
     disable = None if progress and len(starts) > 1 else True  # None: only on a terminal
+    padded = getattr(blocks, "padded", False)
     for lo in tqdm(starts, desc=desc, unit="batch", disable=disable, leave=False):
-        yield lo, torch.from_numpy(blocks[lo : lo + batch_size].astype(np.int64)).to(device)
+        x0 = torch.from_numpy(np.asarray(blocks[lo : lo + batch_size], dtype=np.int64)).to(device)
+        valid = None
+        if padded:  # padded blocks (one document each): only the real tokens are scored
+            n = torch.from_numpy(blocks.lengths(slice(lo, lo + batch_size))).to(device)
+            valid = torch.arange(x0.shape[1], device=device)[None, :] < n[:, None]
+        yield lo, x0, valid
 
 
 @torch.no_grad()
@@ -111,9 +117,9 @@ def evaluate_likelihood(
     per_seq, tokens, levels, contribs, endpoint = [], [], [], [], 0.0
     K = num_t_samples
     start = time.perf_counter()
-    for lo, x0 in _batches(blocks, batch_size, device, progress, "ppl"):
+    for lo, x0, valid in _batches(blocks, batch_size, device, progress, "ppl"):
         if model.kind == "autoregressive":
-            terms = autoregressive_nll(model.backbone, x0, start_id=model.mask_id)
+            terms = autoregressive_nll(model.backbone, x0, start_id=model.mask_id, valid=valid)
             per_seq.append(terms.per_seq.cpu())
             tokens.append(terms.num_tokens.cpu())
             continue
@@ -131,6 +137,7 @@ def evaluate_likelihood(
             estimator=estimator or model.estimator,
             masked_only=model.hparams.get("masked_only", True),
             kernel=model.hparams.get("ce_kernel", "auto"),
+            valid=None if valid is None else valid.repeat_interleave(K, dim=0),
         )
         per_seq.append(terms.per_seq.cpu().view(-1, K).mean(1))
         tokens.append(terms.num_tokens.cpu().view(-1, K)[:, 0])

@@ -149,6 +149,7 @@ def nelbo(
     estimator: str = "time",
     masked_only: bool = False,
     kernel: str = "auto",
+    valid: Tensor | None = None,
 ) -> NelboTerms:
     """One-sample NELBO estimate per sequence.
 
@@ -168,24 +169,33 @@ def nelbo(
             masked rows, through the fused weighted cross-entropy (same value and gradients; then
             ``per_seq`` is detached and ``total`` carries the gradient).
         kernel: the fused cross-entropy's row step: ``auto`` (Triton on CUDA), ``always``, ``never``.
+        valid: (B, L) bool, the real tokens of padded sequences (default: all). Padding is never
+            masked, never scored and not counted; the model sees it as given.
     """
     batch, length = x0.shape
+    n_real = None if valid is None else valid.sum(-1)  # (B,) real tokens per sequence
     if estimator == "time":
         rate, weight = _step_weights(schedule, t, num_steps)
         level = t.to(torch.float64)
         if num_steps is not None:  # the grid time the estimate was taken at
             level = torch.ceil(level * num_steps).clamp(1, num_steps) / num_steps
-        zt, masked = corrupt(x0, rate, u, mask_id)
+        zt, masked = corrupt(x0, rate, u if valid is None else torch.where(valid, u, 2.0), mask_id)
         cond = rate.float() if time_conditioning else None
     elif estimator == "count":
         if time_conditioning or num_steps is not None:
             raise ValueError("the count estimator needs a time-agnostic model and continuous time")
-        k = torch.ceil(t.to(torch.float64) * length).clamp(1, length).long()  # (B,) uniform on 1..L
-        ranks = u.argsort(dim=-1).argsort(dim=-1)  # the k smallest uniforms: a uniform k-subset
+        n = torch.full((batch,), length, device=x0.device) if n_real is None else n_real.clamp(min=1)
+        k = torch.minimum(torch.ceil(t.to(torch.float64) * n).clamp(min=1).long(), n)  # (B,) uniform on 1..n
+        uu = u if valid is None else torch.where(valid, u, 2.0)  # padding ranks last: never among the k
+        ranks = uu.argsort(dim=-1).argsort(dim=-1)  # the k smallest uniforms: a uniform k-subset
         masked = ranks < k.unsqueeze(-1)
         zt = torch.where(masked, torch.full_like(x0, mask_id), x0)
-        weight = length * count_weights(length, float(1.0 - schedule.alpha_at_one), x0.device)[k]
-        level = k.double() / length
+        m1 = float(1.0 - schedule.alpha_at_one)
+        weight = torch.empty(batch, dtype=torch.float64, device=x0.device)
+        for n_i in n.unique().tolist():  # W depends on the sequence's length: one table per length
+            rows = n == n_i
+            weight[rows] = n_i * count_weights(int(n_i), m1, x0.device)[k[rows]]
+        level = k.double() / n.double()
         cond = None
     else:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
@@ -209,18 +219,27 @@ def nelbo(
     alpha_one = schedule.alpha_at_one
     if alpha_one > 0.0:
         # The all-masked input is the same for every sequence: one forward pass of batch 1.
-        z1 = torch.full((1, length), mask_id, dtype=x0.dtype, device=x0.device)
-        cond = torch.ones(1, device=x0.device) if time_conditioning else None
-        logp1 = subs_log_probs(model(z1, cond), mask_id)[0]  # (L, V)
-        nll1 = -logp1.gather(-1, x0.T).T  # (B, L): -log p(x0[b, l] | all masked) at position l
+        if valid is None:
+            z1 = torch.full((1, length), mask_id, dtype=x0.dtype, device=x0.device)
+            cond = torch.ones(1, device=x0.device) if time_conditioning else None
+            logp1 = subs_log_probs(model(z1, cond), mask_id)[0]  # (L, V)
+            nll1 = -logp1.gather(-1, x0.T).T  # (B, L): -log p(x0[b, l] | all masked) at position l
+        else:  # every real token masked, the padding as given: one input per sequence
+            z1 = torch.where(valid, torch.full_like(x0, mask_id), x0)
+            cond = torch.ones(batch, device=x0.device) if time_conditioning else None
+            logp1 = subs_log_probs(model(z1, cond), mask_id)  # (B, L, V)
+            nll1 = -logp1.gather(-1, x0.unsqueeze(-1)).squeeze(-1) * valid
         endpoint = alpha_one * nll1.double().sum(-1)
-    num_tokens = torch.full((batch,), float(length), dtype=torch.float64, device=x0.device)
+    if n_real is None:
+        num_tokens = torch.full((batch,), float(length), dtype=torch.float64, device=x0.device)
+    else:
+        num_tokens = n_real.to(torch.float64)
     if diffusion is not None:
         total = diffusion + endpoint.sum()
     return NelboTerms(per_seq=per_seq + endpoint, num_tokens=num_tokens, endpoint=endpoint, level=level, total=total)
 
 
-def autoregressive_nll(model: Denoiser, x0: Tensor, start_id: int) -> NelboTerms:
+def autoregressive_nll(model: Denoiser, x0: Tensor, start_id: int, valid: Tensor | None = None) -> NelboTerms:
     """Exact -log p(x0) of a causal model, per sequence (float64 nats), every token scored.
 
     The input is ``[start, x0[:-1]]`` and position l predicts ``x0[l]``, so the first token is
@@ -233,6 +252,9 @@ def autoregressive_nll(model: Denoiser, x0: Tensor, start_id: int) -> NelboTerms
     nll = -subs_log_probs(logits, start_id).gather(-1, x0.unsqueeze(-1)).squeeze(-1)  # (B, L)
     zeros = torch.zeros(batch, dtype=torch.float64, device=x0.device)
     num_tokens = torch.full((batch,), float(length), dtype=torch.float64, device=x0.device)
+    if valid is not None:  # padding follows the text: it is neither scored nor counted
+        nll = nll * valid
+        num_tokens = valid.sum(-1).to(torch.float64)
     return NelboTerms(per_seq=nll.double().sum(-1), num_tokens=num_tokens, endpoint=zeros)
 
 
@@ -249,6 +271,7 @@ def nelbo_from_keys(
     estimator: str = "time",
     masked_only: bool = False,
     kernel: str = "auto",
+    valid: Tensor | None = None,
 ) -> NelboTerms:
     """``nelbo`` with times and masks drawn from (seed, stream, key) per sequence.
 
@@ -261,5 +284,5 @@ def nelbo_from_keys(
     return nelbo(
         model, x0, t, u, schedule, mask_id,
         num_steps=num_steps, time_conditioning=time_conditioning, estimator=estimator,
-        masked_only=masked_only, kernel=kernel,
+        masked_only=masked_only, kernel=kernel, valid=valid,
     )

@@ -234,3 +234,49 @@ def test_splitmix64_matches_the_reference_bits():
     u = rng.bits_to_uniform(rng.splitmix64(torch.arange(100000)))
     assert u.dtype == torch.float64 and 0 < float(u.min()) and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 0.005
+
+
+def _exact_padded(model, x0, n, schedule, mask_id):
+    """Exact continuous NELBO of the first n tokens of x0 (the rest is padding, given to the model as is)."""
+    L = x0.shape[-1]
+    patterns = torch.tensor(list(itertools.product([False, True], repeat=n)))[1:]
+    patterns = torch.cat([patterns, torch.zeros(len(patterns), L - n, dtype=torch.bool)], 1)  # (P, L)
+    xb = x0.expand(len(patterns), L)
+    z = torch.where(patterns, torch.full_like(xb, mask_id), xb)
+    g = masked_nll(model(z, None), xb, patterns, mask_id).double().sum(-1)
+    k = patterns.sum(-1)
+    coef = count_weights(n, 1.0 - schedule.alpha_at_one)[k] / torch.tensor([math.comb(n, int(j)) for j in k],
+                                                                            dtype=torch.float64)
+    z1 = torch.where(torch.arange(L) < n, mask_id, x0)[None]
+    end = -subs_log_probs(model(z1, None), mask_id)[0, :n].gather(-1, x0[:n, None]).double().sum()
+    return g @ coef + schedule.alpha_at_one * end
+
+
+@pytest.mark.parametrize("estimator", ["time", "count"])
+@pytest.mark.parametrize("name", ["loglinear", "geometric"])
+def test_padded_nelbo_is_the_exact_nelbo_of_the_real_tokens(random_dit, name, estimator):
+    """Padding (LM1B's packing) is never masked or scored: both estimators give the bound of the real tokens."""
+    torch.manual_seed(4)
+    mask_id, L, lengths = 7, 6, (4, 2)
+    x0 = torch.randint(0, 7, (2, L))
+    valid = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
+    schedule = SCHEDULES[name]
+    reps, n = 16, 2000
+    keys = torch.arange(n).repeat(2)
+    xr, vr = x0.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)
+    with torch.no_grad():
+        exact = torch.stack([_exact_padded(random_dit, x0[b], lengths[b], schedule, mask_id) for b in range(2)])
+        means = []
+        for seed in range(reps):
+            terms = nelbo_from_keys(random_dit, xr, keys, schedule, mask_id, seed=seed, stream=rng.STREAM_EVAL,
+                                    estimator=estimator, valid=vr)
+            means.append(terms.per_seq.view(2, n).mean(1))
+        means = torch.stack(means)
+    assert terms.num_tokens.view(2, n)[:, 0].tolist() == list(map(float, lengths))
+    mean, se = means.mean(0), means.std(0) / math.sqrt(reps)
+    assert torch.all(se < 0.02 * exact), se / exact
+    assert torch.all((mean - exact).abs() < 4 * se), (mean, exact, se)
+    # scoring the padding too would give the bound of all L tokens, far above: the check can tell them apart
+    with torch.no_grad():
+        all_tokens = _exact_nelbo(random_dit, x0, schedule, mask_id)
+    assert torch.all(all_tokens - exact > 10 * se)
