@@ -50,7 +50,7 @@ def train_on_source(corpus: Path, source: str, steps: int, size: str = "debug", 
     src = write_source_corpus(corpus, source, seq_len, num_docs, blocks_per_doc, seed)
     L.seed_everything(seed, verbose=False)
     dm = TextDataModule(str(corpus), tokenizer="char", seq_len=seq_len, batch_size=batch_size,
-                        eval_batch_size=128, val_fraction=0.1, separators=False)
+                        eval_batch_size=128, val_fraction=0.1, packing="concat")
     warmup = min(100, steps // 10)
     model = MaskedDiffusionLM(dm.model_vocab_size, size=size, schedule=schedule, lr=lr, warmup_steps=warmup,
                               decay_steps=max(1, steps - warmup), seed=seed)

@@ -29,27 +29,32 @@ from mdlm_kit.errors import UserError
 SPLITS = ("val", "train", "all")
 
 
-def _blocks(dm, data: str | None, split: str, seq_len: int, text_key: str):
-    """(N, seq_len) blocks of the requested data, tokenized and packed the way the checkpoint was trained."""
+def _blocks(dm, data: str | None, split: str, seq_len: int, text_key: str | None, path: str | None,
+            insert_eos: bool | None):
+    """Blocks of the requested data, tokenized and packed the way the checkpoint was trained."""
     from mdlm_kit.data.corpora import load_corpus, load_documents
-    from mdlm_kit.data.datamodule import to_blocks
+    from mdlm_kit.data.recipes import is_dataset_name, load_recipe_splits
 
     h = dm.hparams
-    if data is None and split != "all" and seq_len == h.seq_len:
+    if data is None and split in ("val", "train") and seq_len == h.seq_len and insert_eos is None:
         return dm.blocks(split)
-    source, key = (data, text_key) if data else (h.corpus, h.text_key)
-    if split == "all" and source != "shakespeare":
-        docs = load_documents(source, key)  # every document, a single file not cut in two
+    source = data or h.corpus
+    if is_dataset_name(source):  # a recipe: the zero-shot sets, or the checkpoint's own dataset
+        splits = load_recipe_splits(source, path if data else (path or h.path), text_key,
+                                    eval_split=None if split in ("val", "train", "all") else split)
+        parts = {"train": ["train"], "val": ["val"], "all": ["train", "val"]}.get(split, ["val"])
+        docs = [t for p in parts if splits.get(p) is not None for t in splits[p]["text"]]
+    elif split == "all" and source != "shakespeare":
+        docs = load_documents(source, text_key or "text")  # every document, a single file not cut in two
     else:
-        corpus = load_corpus(source, h.val_fraction, key)
+        if split not in SPLITS:
+            raise UserError(f"--split: unknown split {split!r} for {source}; choose one of: {', '.join(SPLITS)}")
+        corpus = load_corpus(source, h.val_fraction, text_key or h.text_key or "text")
         docs = {"train": corpus.train, "val": corpus.val, "all": corpus.train + corpus.val}[split]
-    if dm.tokenizer is None:
-        dm.prepare()
-    stream = dm.encode_stream(docs)
-    blocks = to_blocks(stream, seq_len)
+    blocks = dm.pack(docs, seq_len, insert_eos)
     if len(blocks) == 0:
         raise UserError(
-            f"{data or h.corpus} ({split}) holds {len(stream)} tokens, fewer than one block of {seq_len}; "
+            f"{source} ({split}) holds {len(blocks.stream)} tokens, fewer than one block of {seq_len}; "
             "give more text or a smaller --seq_len"
         )
     return blocks
@@ -92,7 +97,9 @@ def perplexity(
     data: str | None = None,
     split: str | None = None,
     seq_len: int | None = None,
-    text_key: str = "text",
+    text_key: str | None = None,
+    path: str | None = None,
+    insert_eos: bool | None = None,
     estimator: str = "time",
     num_t_samples: int = 1,
     num_steps: int | None = None,
@@ -108,11 +115,17 @@ def perplexity(
 
     Args:
         checkpoint: a ``.ckpt`` written by ``mdlm-kit fit`` (masked diffusion or autoregressive).
-        data: corpus to evaluate (``shakespeare``, a .txt/.jsonl file or a folder); default: the
+        data: corpus to evaluate: ``shakespeare``, a .txt/.jsonl file or a folder, or a dataset by name, e.g.
+            the zero-shot sets ``ptb``, ``wikitext2``, ``wikitext103``, ``lm1b``, ``lambada``, ``ag_news``,
+            ``pubmed``, ``arxiv`` (Hugging Face datasets; ``--path`` for a local copy); default: the
             checkpoint's own training data.
-        split: ``val``, ``train`` or ``all`` (default: ``val`` of the checkpoint's data, ``all`` of ``--data``).
+        split: ``val``, ``train`` or ``all``; for datasets also a split name such as ``test`` (default: ``val``
+            of the checkpoint's data or of a dataset, i.e. the split MDLM evaluates; ``all`` of a file).
         seq_len: tokens per block (default: the training block length; at most the model's maximum).
-        text_key: field holding the text in JSONL records of ``--data``.
+        text_key: field holding the text (JSONL records, datasets); default ``text`` or the dataset's.
+        path: local copy of the dataset named by ``--data`` (offline).
+        insert_eos: with the checkpoint's ``wrap`` packing, put EOS between documents (``true``, MDLM's
+            default) or not (``false``); blocks keep their BOS/EOS either way. Default: as in training.
         estimator: ``time`` (the MDLM protocol: stratified t, independent masks) or ``count``
             (t integrated out; time-agnostic models in continuous time).
         num_t_samples: time samples per sequence, averaged (K); 1 is the papers' protocol.
@@ -126,12 +139,16 @@ def perplexity(
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     """
     from mdlm_kit.checkpoint import load_checkpoint
+    from mdlm_kit.data.recipes import is_dataset_name
     from mdlm_kit.eval.likelihood import evaluate_likelihood
     from mdlm_kit.objective import ESTIMATORS
 
-    split = split or ("all" if data else "val")
-    if split not in SPLITS:
+    named = is_dataset_name(data or "")
+    split = split or ("all" if data and not named else "val")
+    if split not in SPLITS and not named:
         raise UserError(f"--split: unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    if path is not None and not named:
+        raise UserError("--path is the local copy of a dataset named by --data (e.g. --data ptb --path ./ptb)")
     if num_t_samples < 1 or batch_size < 1 or num_buckets < 1:
         raise UserError("--num_t_samples, --batch_size and --num_buckets must be >= 1")
     if num_steps is not None and num_steps < 1:
@@ -161,9 +178,11 @@ def perplexity(
             f"--seq_len {seq_len} does not fit the model (2 to {model.config.max_seq_len} tokens); "
             "lower --seq_len"
         )
-    blocks = _blocks(dm, data, split, seq_len, text_key)
+    if insert_eos is not None and dm.hparams.packing != "wrap":
+        raise UserError(f"--insert_eos applies to the wrap packing; this checkpoint packs with {dm.hparams.packing!r}")
+    blocks = _blocks(dm, data, split, seq_len, text_key, path, insert_eos)
     if max_sequences is not None:
-        blocks = blocks[:max_sequences]
+        blocks = blocks.head(max_sequences)
     if len(blocks) < 2:
         raise UserError(f"only {len(blocks)} block of {seq_len} tokens to evaluate; a standard error needs two")
 
@@ -198,7 +217,8 @@ def perplexity(
         out["bound"] = "exact -log p(x) per token (autoregressive)"
         out["protocol"] = {"estimator": "exact", "first_token": "scored from the start token"}
     out["data"] = {"corpus": data or dm.hparams.corpus, "split": split, "seq_len": seq_len,
-                   "separators": dm.hparams.separators}
+                   "packing": dm.hparams.packing,
+                   "insert_eos": dm.hparams.insert_eos if insert_eos is None else insert_eos}
     out["checkpoint"] = str(checkpoint)
     if plot_path is not None:
         xlabel = "t (time)" if estimator == "time" else "k/L (fraction of tokens masked)"

@@ -53,7 +53,10 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", kind: str | Non
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit the model described in it ({str(e).splitlines()[0]})") from None
     model.eval()
-    dm_kwargs = _known_kwargs(TextDataModule, ckpt.get("datamodule_hyper_parameters", {}))
+    dm_hparams = dict(ckpt.get("datamodule_hyper_parameters", {}))
+    if "separators" in dm_hparams and "packing" not in dm_hparams:  # checkpoints from before data.packing
+        dm_hparams["packing"] = "stream" if dm_hparams.pop("separators") else "concat"
+    dm_kwargs = _known_kwargs(TextDataModule, dm_hparams)
     dm = TextDataModule(**dm_kwargs)
     state = ckpt.get(TextDataModule.__qualname__)
     if state is not None:

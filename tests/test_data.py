@@ -74,12 +74,12 @@ def test_datamodule_blocks_vocab_and_unigram_entropy(text_folder, cache_root):
     path, _ = text_folder
     dm = TextDataModule(corpus=str(path), tokenizer="char", seq_len=32, batch_size=4, val_fraction=0.2)
     dm.setup("fit")
-    train = dm.blocks("train")
+    train = np.asarray(dm.blocks("train"))
     assert train.shape[1] == 32 and train.max() < dm.model_vocab_size - 1  # the mask id never appears in data
     assert dm.mask_id == dm.model_vocab_size - 1
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == (4, 32) and batch["input_ids"].dtype == torch.int64
-    counts = np.bincount(dm.blocks("val").reshape(-1))
+    counts = np.bincount(np.asarray(dm.blocks("val")).reshape(-1))
     p = counts[counts > 0] / counts.sum()
     assert dm.unigram_entropy("val") == pytest.approx(float(-(p * np.log(p)).sum()))
     assert 0 < dm.unigram_entropy("val") < np.log(dm.model_vocab_size)
@@ -94,7 +94,8 @@ def test_datamodule_blocks_vocab_and_unigram_entropy(text_folder, cache_root):
     "kwargs, match",
     [
         (dict(corpus="/no/such/place"), "no such file or folder"),
-        (dict(tokenizer="wordpiece"), "unknown tokenizer"),
+        (dict(tokenizer="wordpiece"), "data.tokenizer 'wordpiece'"),
+        (dict(packing="zip"), "unknown packing"),
         (dict(seq_len=1), "seq_len"),
         (dict(val_fraction=1.5), "val_fraction"),
     ],
@@ -104,20 +105,20 @@ def test_datamodule_rejects_bad_arguments(kwargs, match):
         TextDataModule(**kwargs).prepare()  # a missing corpus is found when the data is first read
 
 
-def test_datamodule_without_separators_concatenates_documents(tmp_path, cache_root):
+def test_datamodule_concat_packing_concatenates_documents(tmp_path, cache_root):
     f = tmp_path / "c.jsonl"
     docs = ["abcd" * 8, "dcba" * 8, "aabb" * 8, "ccdd" * 8, "abab" * 8]
     f.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    plain = TextDataModule(corpus=str(f), tokenizer="char", seq_len=16, val_fraction=0.2, separators=False)
+    plain = TextDataModule(corpus=str(f), tokenizer="char", seq_len=16, val_fraction=0.2, packing="concat")
     wrapped = TextDataModule(corpus=str(f), tokenizer="char", seq_len=16, val_fraction=0.2)
     plain.prepare()
     tok = plain.tokenizer
     text = "".join(tok.decode(b.tolist()) for b in plain.blocks("train"))
     assert text == "".join(docs[:4])  # 4 x 32 characters: 8 blocks, nothing between documents
     assert plain.blocks("train").shape == (8, 16)
-    stream = wrapped.blocks("train").reshape(-1)
+    stream = np.asarray(wrapped.blocks("train")).reshape(-1)
     assert stream[0] == wrapped.tokenizer.bos_id and wrapped.tokenizer.eos_id in stream
-    assert tok.bos_id not in plain.blocks("train") and tok.eos_id not in plain.blocks("train")
+    assert tok.bos_id not in np.asarray(plain.blocks("train")) and tok.eos_id not in np.asarray(plain.blocks("train"))
 
 
 def test_empty_binary_and_non_utf8_corpora_are_user_errors(tmp_path, cache_root):

@@ -43,6 +43,11 @@ class Tokenizer(ABC):
     @abstractmethod
     def to_dict(self) -> dict: ...
 
+    @property
+    def pad_id(self) -> int:
+        """Filler of padded blocks (never scored); the EOS id unless the tokenizer has its own."""
+        return self.eos_id
+
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
@@ -86,15 +91,22 @@ class CharTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """A `tokenizers.Tokenizer` (byte-level BPE) with BOS/EOS ids."""
+    """A `tokenizers.Tokenizer` (byte-level BPE, GPT-2's, or any Hugging Face fast tokenizer) with BOS/EOS ids."""
 
-    def __init__(self, tok, kind: str, bos: str, eos: str):
+    def __init__(self, tok, kind: str, bos: str, eos: str, pad: str | None = None, name: str | None = None):
         self.tok = tok
         self.kind = kind
+        self.name = name
+        self.bos, self.eos, self.pad = bos, eos, pad
         self.bos_id = tok.token_to_id(bos)
         self.eos_id = tok.token_to_id(eos)
         if self.bos_id is None or self.eos_id is None:
             raise UserError(f"tokenizer has no {bos!r}/{eos!r} token")
+        self._pad_id = tok.token_to_id(pad) if pad else None
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad_id if self._pad_id is not None else self.eos_id
 
     @property
     def vocab_size(self) -> int:
@@ -104,12 +116,15 @@ class HFTokenizer(Tokenizer):
         return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
-        skip = (self.bos_id, self.eos_id)
+        skip = (self.bos_id, self.eos_id, self._pad_id)
         return self.tok.decode([int(i) for i in ids if i not in skip], skip_special_tokens=False)
 
     def to_dict(self) -> dict:
         if self.kind == "gpt2":
             return {"kind": "gpt2"}
+        if self.kind == "hf":  # the whole tokenizer travels: checkpoints decode offline
+            return {"kind": "hf", "name": self.name, "json": self.tok.to_str(), "bos": self.bos, "eos": self.eos,
+                    "pad": self.pad}
         return {"kind": self.kind, "json": self.tok.to_str()}
 
 
@@ -185,6 +200,38 @@ def load_gpt2() -> HFTokenizer:
     return HFTokenizer(tok, "gpt2", "<|endoftext|>", "<|endoftext|>")
 
 
+def load_hf_tokenizer(name: str) -> HFTokenizer:
+    """Any Hugging Face fast tokenizer by hub name or local folder (``bert-base-uncased``, as MDLM's LM1B).
+
+    BOS/EOS are its ``bos``/``eos`` tokens, else ``cls``/``sep`` (BERT); documents are encoded without
+    the tokenizer's own special tokens (packing adds them).
+    """
+    local = Path(name).expanduser()
+    if not local.exists() and not _hub_reachable():
+        raise UserError(f"data.tokenizer {name!r} is not one of {', '.join(TOKENIZERS)} nor a local folder, and the "
+                        "Hugging Face hub is unreachable to load it by name; offline, give a folder written by "
+                        "AutoTokenizer.save_pretrained")
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(local) if local.exists() else name)
+    except Exception as e:
+        raise UserError(f"data.tokenizer {name!r}: could not load a Hugging Face tokenizer "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None:
+        raise UserError(f"data.tokenizer {name!r} has no fast (Rust) version; this toolkit needs one")
+    bos, eos = hf.bos_token or hf.cls_token, hf.eos_token or hf.sep_token
+    if bos is None or eos is None:
+        raise UserError(f"data.tokenizer {name!r} has neither bos/eos nor cls/sep tokens to separate documents")
+    return HFTokenizer(backend, "hf", bos, eos, hf.pad_token, name=name)
+
+
+def check_tokenizer_name(name: str) -> None:
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"data.tokenizer must be one of {', '.join(TOKENIZERS)} or a Hugging Face tokenizer name")
+
+
 def tokenizer_from_dict(d: dict) -> Tokenizer:
     kind = d.get("kind")
     if kind == "char":
@@ -195,16 +242,24 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
         return HFTokenizer(_T.from_str(d["json"]), "bpe", BOS, EOS)
     if kind == "gpt2":
         return load_gpt2()
+    if kind == "hf":
+        from tokenizers import Tokenizer as _T
+
+        return HFTokenizer(_T.from_str(d["json"]), "hf", d["bos"], d["eos"], d.get("pad"), name=d.get("name"))
     raise UserError(f"unknown tokenizer kind {kind!r} in checkpoint or cache")
 
 
 TOKENIZERS = ("char", "bpe", "gpt2")
 
 
-def build_tokenizer(kind: str, train_texts: Sequence[str], vocab_size: int, cache_file: Path | None) -> Tokenizer:
-    """Build (or load from ``cache_file``) a tokenizer of ``kind`` for the given training texts."""
+def build_tokenizer(kind: str, train_texts: Iterable[str], vocab_size: int, cache_file: Path | None) -> Tokenizer:
+    """Build (or load from ``cache_file``) a tokenizer of ``kind`` for the given training texts.
+
+    ``kind`` is ``char``, ``bpe``, ``gpt2`` or a Hugging Face tokenizer name or folder.
+    """
+    check_tokenizer_name(kind)
     if kind not in TOKENIZERS:
-        raise UserError(f"unknown tokenizer {kind!r}; choose one of: {', '.join(TOKENIZERS)}")
+        return load_hf_tokenizer(kind)
     if kind == "gpt2":
         return load_gpt2()
     if cache_file is not None and cache_file.exists():
