@@ -37,6 +37,8 @@ commands:
                                         mdlm-kit genppl --samples F.jsonl [--scorer gpt2-large|AR.ckpt]
   check-likelihood  train on a source of known entropy, compare the bound with the truth:
                                         mdlm-kit check-likelihood [--source markov|iid] [--steps N]
+  data prepare  tokenize a config's data into the token cache, report tokens, shards and tokens/s:
+                                        mdlm-kit data prepare --config configs/owt_mdlm_small.yaml [--data.KEY V]
   report     NELBO, unigram entropy and bits/char of a checkpoint as JSON:
                                         mdlm-kit report --checkpoint CKPT [--num_samples 3]
 
@@ -75,6 +77,9 @@ def _lightning_cli(argv: list[str] | None) -> None:
         def add_arguments_to_parser(self, parser) -> None:
             # the diffusion model unless the config names another (model.class_path: AutoregressiveLM)
             parser.set_defaults({"model": {"class_path": "mdlm_kit.lightning.MaskedDiffusionLM"}})
+            # the data module shards each global batch by rank itself (the same samples, and noise, for any
+            # number of processes) and resumes mid-epoch; Lightning's DistributedSampler would do neither
+            parser.set_defaults({"trainer.use_distributed_sampler": False})
             parser.link_arguments("data.model_vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
         def _place_outputs(self) -> None:
@@ -160,7 +165,29 @@ def _check_likelihood(argv: list[str]) -> None:
         sys.exit(1)
 
 
+def _data(argv: list[str]) -> None:
+    import json
+
+    from mdlm_kit.data.prepare import prepare
+
+    if not argv or argv[0] != "prepare":
+        raise UserError("usage: mdlm-kit data prepare --config CONFIG.yaml [--data.KEY VALUE ...]")
+    if any(a in ("-h", "--help") for a in argv[1:]):
+        from jsonargparse import ArgumentParser
+
+        from mdlm_kit.data import TextDataModule
+
+        parser = ArgumentParser(prog="mdlm-kit data prepare")
+        parser.add_argument("--config", help="a training config (its data: section is used); may repeat")
+        parser.add_class_arguments(TextDataModule, "data")
+        parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+        parser.print_help()
+        return
+    print(json.dumps(prepare(argv[1:])))
+
+
 COMMANDS = {
+    "data": _data,
     "report": _report,
     "generate": _generate,
     "ppl": _ppl,

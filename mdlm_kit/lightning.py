@@ -52,13 +52,30 @@ class LanguageModel(L.LightningModule):
         return self.backbone(input_ids, cond)
 
     def configure_model(self) -> None:
+        mesh = self.device_mesh if self._trainer is not None else None
+        if mesh is not None and not getattr(self, "_sharded", False):
+            # FSDP2 under Lightning's ModelParallelStrategy: each block its own unit, the rest in the root's
+            from lightning.pytorch.callbacks import WeightAveraging
+            from torch.distributed.fsdp import fully_shard
+
+            if any(isinstance(cb, WeightAveraging) for cb in self.trainer.callbacks):
+                raise UserError("EMA (EMAWeightAveraging) does not work with FSDP2 (ModelParallelStrategy): "
+                                "Lightning's weight averaging copies the whole model; train with DDP for EMA, "
+                                "or remove the callback")
+            dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+            for block in self.backbone.blocks:
+                fully_shard(block, mesh=dp)
+            fully_shard(self.backbone, mesh=dp)
+            self._sharded = True
         if self.hparams.get("compile") and not getattr(self, "_compiled", False):
             for block in self.backbone.blocks:  # the blocks hold the work; the head is the fused loss's
                 block.compile()
             self._compiled = True
 
-    def loss_terms(self, x0: torch.Tensor, keys: torch.Tensor, stream: int) -> NelboTerms:
-        """Per-sequence loss (nats, float64) of clean blocks ``x0`` whose noise (if any) is keyed by ``keys``."""
+    def loss_terms(self, x0: torch.Tensor, keys: torch.Tensor, stream: int,
+                   valid: torch.Tensor | None = None) -> NelboTerms:
+        """Per-sequence loss (nats, float64) of clean blocks ``x0`` whose noise (if any) is keyed by ``keys``;
+        ``valid`` marks the real tokens of padded blocks."""
         raise NotImplementedError
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -79,16 +96,21 @@ class LanguageModel(L.LightningModule):
             )
 
     def _train_keys(self, batch: dict) -> torch.Tensor:
-        """Position of each sample in the global training stream: batch counter, slot, rank."""
+        """Position of each sample in the global training stream: global batch n, then rank r's slice of it.
+
+        The data module gives rank r the r-th contiguous slice of each global batch, so these keys (and
+        the noise they draw) are the same whether the global batch is split over processes or not.
+        """
         n = self.trainer.fit_loop.epoch_loop.total_batch_idx
         bsz = batch["input_ids"].shape[0]
         world, rank = self.trainer.world_size, self.trainer.global_rank
         slot = torch.arange(bsz, device=self.device, dtype=torch.int64)
-        return (n * bsz + slot) * world + rank
+        return (n * world + rank) * bsz + slot
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss_terms(batch["input_ids"], self._train_keys(batch), rng.STREAM_TRAIN).per_token()
-        self.log(f"train/{self.metric}", loss, prog_bar=True)
+        terms = self.loss_terms(batch["input_ids"], self._train_keys(batch), rng.STREAM_TRAIN, batch.get("valid"))
+        loss = terms.per_token()
+        self.log(f"train/{self.metric}", loss, prog_bar=True, sync_dist=True)  # the mean over processes
         now = time.perf_counter()
         if self._t_last is not None:
             self.log("train/tokens_per_s", batch["input_ids"].numel() * self.trainer.world_size / (now - self._t_last))
@@ -99,7 +121,7 @@ class LanguageModel(L.LightningModule):
         self._t_last = None  # validation time is not training throughput
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        terms = self.loss_terms(batch["input_ids"], batch["index"], rng.STREAM_VAL)
+        terms = self.loss_terms(batch["input_ids"], batch["index"], rng.STREAM_VAL, batch.get("valid"))
         self.val_nelbo_sum.update(terms.per_seq)
         self.val_tokens.update(terms.num_tokens)
 
@@ -107,8 +129,8 @@ class LanguageModel(L.LightningModule):
         total = self.val_tokens.compute()
         if total > 0:
             nelbo = self.val_nelbo_sum.compute() / total
-            self.log(f"val/{self.metric}", nelbo.float(), prog_bar=True)
-            self.log("val/ppl", torch.exp(nelbo).float())
+            self.log(f"val/{self.metric}", nelbo.float(), prog_bar=True, sync_dist=True)  # equal on all ranks
+            self.log("val/ppl", torch.exp(nelbo).float(), sync_dist=True)
         self.val_nelbo_sum.reset()
         self.val_tokens.reset()
 
@@ -221,7 +243,8 @@ class MaskedDiffusionLM(LanguageModel):
             dropout=dropout, time_conditioning=time_conditioning,
         )
 
-    def loss_terms(self, x0: torch.Tensor, keys: torch.Tensor, stream: int) -> NelboTerms:
+    def loss_terms(self, x0: torch.Tensor, keys: torch.Tensor, stream: int,
+                   valid: torch.Tensor | None = None) -> NelboTerms:
         return nelbo_from_keys(
             self.backbone,
             x0,
@@ -233,8 +256,10 @@ class MaskedDiffusionLM(LanguageModel):
             num_steps=self.hparams.num_steps,
             time_conditioning=self.config.time_conditioning,
             estimator=self.estimator,
-            masked_only=self.hparams.masked_only,
+            # sharded (FSDP2) parameters are gathered by forward(), which the masked-only head bypasses
+            masked_only=self.hparams.masked_only and not getattr(self, "_sharded", False),
             kernel=self.hparams.ce_kernel,
+            valid=valid,
         )
 
 
@@ -284,8 +309,9 @@ class AutoregressiveLM(LanguageModel):
             n_layers=n_layers, d_model=d_model, n_heads=n_heads, max_seq_len=max_seq_len, dropout=dropout,
         )
 
-    def loss_terms(self, x0: torch.Tensor, keys: torch.Tensor, stream: int) -> NelboTerms:
-        return autoregressive_nll(self.backbone, x0, start_id=self.mask_id)
+    def loss_terms(self, x0: torch.Tensor, keys: torch.Tensor, stream: int,
+                   valid: torch.Tensor | None = None) -> NelboTerms:
+        return autoregressive_nll(self.backbone, x0, start_id=self.mask_id, valid=valid)
 
 
 MODELS = {cls.kind: cls for cls in (MaskedDiffusionLM, AutoregressiveLM)}

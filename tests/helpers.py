@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "mdlm_kit.cli", *args],
         capture_output=True,
@@ -55,3 +56,48 @@ def random_dit(vocab_size: int, n_layers: int, d_model: int, max_seq_len: int, s
     for p in model.parameters():
         torch.nn.init.normal_(p, std=std)
     return model
+
+
+def _record_batches_class():
+    import json
+
+    from lightning.pytorch.callbacks import Callback
+
+    class RecordBatches(Callback):
+        """Appends one JSON line per training step (global step, rank, sample indices, loss) to ``path``."""
+
+        def __init__(self, path: str):
+            self.path = path
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            rec = {"step": trainer.global_step, "rank": trainer.global_rank, "epoch": trainer.current_epoch,
+                   "index": batch["index"].tolist(), "loss": float(loss)}
+            with open(f"{self.path}.{trainer.global_rank}", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    return RecordBatches
+
+
+def __getattr__(name):  # the callback imports Lightning only when a CLI run asks for it
+    if name == "RecordBatches":
+        return _record_batches_class()
+    raise AttributeError(name)
+
+
+def read_records(path: Path, world_size: int = 1) -> list[dict]:
+    """RecordBatches' lines of all ranks, by step (ranks merged: indices concatenated in rank order)."""
+    import json
+
+    by_step: dict[int, dict] = {}
+    for r in range(world_size):
+        for line in Path(f"{path}.{r}").read_text().splitlines():
+            rec = json.loads(line)
+            cur = by_step.setdefault(rec["step"], {"step": rec["step"], "parts": {}})
+            cur["parts"][rec["rank"]] = rec
+    out = []
+    for step in sorted(by_step):
+        parts = by_step[step]["parts"]
+        out.append({"step": step, "index": [i for r in sorted(parts) for i in parts[r]["index"]],
+                    "loss": [parts[r]["loss"] for r in sorted(parts)], "epoch": parts[0]["epoch"]})
+    return out

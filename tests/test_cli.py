@@ -54,7 +54,7 @@ def corpus(tmp_path_factory):
         (["--model.schedule", "cosin"], "unknown schedule 'cosin'"),
         (["--data.seq_len", "300"], "above the model's maximum sequence length 256"),
         (["--model.no_such_option", "3"], "no_such_option"),
-        (["--data.tokenizer", "words"], "unknown tokenizer 'words'"),
+        (["--data.tokenizer", "words"], "data.tokenizer 'words' is not one of char, bpe, gpt2"),
         (["--model.size", "huge"], "unknown model size 'huge'"),
     ],
     ids=["missing-path", "unknown-schedule", "seq-len-above-max", "unknown-key", "unknown-tokenizer", "unknown-size"],
