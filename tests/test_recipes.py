@@ -463,3 +463,27 @@ def test_streaming_recipe_trains_end_to_end(tmp_path, samples):
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 5
     assert ckpt["TextDataModule"]["epoch_batches"] + ckpt["TextDataModule"]["epoch"] > 0
+
+
+@pytest.mark.parametrize("recipe, hub, config", [("lm1b", "dvruette/lm1b", None),
+                                                 ("wikitext103", "Salesforce/wikitext", "wikitext-103-raw-v1"),
+                                                 ("ptb", "ptb-text-only/ptb_text_only", "penn_treebank")])
+def test_hub_and_local_copy_give_the_same_blocks(tmp_path, monkeypatch, recipe, hub, config):
+    """The hub path (``datasets.load_dataset(name, config)``) and ``data.path`` run the same pipeline."""
+    key = "sentence" if recipe == "ptb" else "text"
+    rows = [" = A = \n", " the cat sat , he said . \n", " = B = \n", " it ' s a dog @-@ like cat . \n"] * 5
+    splits = ("train", "test") if recipe == "lm1b" else ("train", "validation", "test")
+    path = tmp_path / recipe
+    datasets.DatasetDict({s: datasets.Dataset.from_dict({key: rows}) for s in splits}).save_to_disk(str(path))
+    local = TextDataModule(corpus=recipe, path=str(path), tokenizer="char", seq_len=16)
+    calls = []
+
+    def fake_load_dataset(name, cfg=None, **kwargs):
+        calls.append((name, cfg))
+        return datasets.load_from_disk(str(path))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    hub_dm = TextDataModule(corpus=recipe, tokenizer="char", seq_len=16)
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(np.asarray(hub_dm.blocks(split)), np.asarray(local.blocks(split)))
+    assert calls == [(hub, config)]
