@@ -40,7 +40,10 @@ def _blocks(dm, data: str | None, split: str, seq_len: int, text_key: str | None
         return dm.blocks(split)
     source = data or h.corpus
     if is_dataset_name(source):  # a recipe: the zero-shot sets, or the checkpoint's own dataset
-        splits = load_recipe_splits(source, path if data else (path or h.path), text_key,
+        own = data is None  # the checkpoint's own dataset: its local copy, text field and held-out documents
+        splits = load_recipe_splits(source, (path or h.path) if own else path,
+                                    text_key or (h.text_key if own else None),
+                                    val_docs=h.val_docs if own else None,
                                     eval_split=None if split in ("val", "train", "all") else split)
         parts = {"train": ["train"], "val": ["val"], "all": ["train", "val"]}.get(split, ["val"])
         docs = [t for p in parts if splits.get(p) is not None for t in splits[p]["text"]]

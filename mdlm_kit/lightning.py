@@ -110,6 +110,12 @@ class LanguageModel(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         terms = self.loss_terms(batch["input_ids"], self._train_keys(batch), rng.STREAM_TRAIN, batch.get("valid"))
         loss = terms.per_token()
+        if batch.get("valid") is not None and self.trainer.world_size > 1:
+            # padded blocks: ranks hold different numbers of real tokens; scale so that the gradient the
+            # processes average is the gradient of the global per-token loss, as with one process
+            local = terms.num_tokens.sum()
+            total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
+            loss = loss * (local * self.trainer.world_size / total)
         self.log(f"train/{self.metric}", loss, prog_bar=True, sync_dist=True)  # the mean over processes
         now = time.perf_counter()
         if self._t_last is not None:
@@ -122,8 +128,10 @@ class LanguageModel(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         terms = self.loss_terms(batch["input_ids"], batch["index"], rng.STREAM_VAL, batch.get("valid"))
-        self.val_nelbo_sum.update(terms.per_seq)
-        self.val_tokens.update(terms.num_tokens)
+        w = batch.get("weight")  # 0 for the filler entries that even out batch counts across ranks
+        w = torch.ones_like(terms.per_seq) if w is None else w.to(terms.per_seq)
+        self.val_nelbo_sum.update(terms.per_seq * w)
+        self.val_tokens.update(terms.num_tokens * w)
 
     def on_validation_epoch_end(self) -> None:
         total = self.val_tokens.compute()

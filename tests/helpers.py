@@ -72,7 +72,7 @@ def _record_batches_class():
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             rec = {"step": trainer.global_step, "rank": trainer.global_rank, "epoch": trainer.current_epoch,
-                   "index": batch["index"].tolist(), "loss": float(loss)}
+                   "batch_idx": batch_idx, "index": batch["index"].tolist(), "loss": float(loss)}
             with open(f"{self.path}.{trainer.global_rank}", "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
@@ -86,18 +86,19 @@ def __getattr__(name):  # the callback imports Lightning only when a CLI run ask
 
 
 def read_records(path: Path, world_size: int = 1) -> list[dict]:
-    """RecordBatches' lines of all ranks, by step (ranks merged: indices concatenated in rank order)."""
+    """RecordBatches' lines of all ranks, one per batch in training order (ranks merged: indices concatenated
+    in rank order, one loss per rank)."""
     import json
 
-    by_step: dict[int, dict] = {}
+    by_batch: dict[tuple[int, int], dict] = {}
     for r in range(world_size):
         for line in Path(f"{path}.{r}").read_text().splitlines():
             rec = json.loads(line)
-            cur = by_step.setdefault(rec["step"], {"step": rec["step"], "parts": {}})
-            cur["parts"][rec["rank"]] = rec
+            by_batch.setdefault((rec["epoch"], rec["batch_idx"]), {})[rec["rank"]] = rec
     out = []
-    for step in sorted(by_step):
-        parts = by_step[step]["parts"]
-        out.append({"step": step, "index": [i for r in sorted(parts) for i in parts[r]["index"]],
-                    "loss": [parts[r]["loss"] for r in sorted(parts)], "epoch": parts[0]["epoch"]})
+    for key in sorted(by_batch):
+        parts = by_batch[key]
+        out.append({"step": parts[0]["step"], "epoch": key[0], "batch_idx": key[1],
+                    "index": [i for r in sorted(parts) for i in parts[r]["index"]],
+                    "loss": [parts[r]["loss"] for r in sorted(parts)]})
     return out

@@ -73,26 +73,31 @@ def test_two_process_ddp_and_fsdp2_match_one_process_for_the_same_global_batch(t
     assert json.loads(proc.stdout)["num_sequences"] == 8
 
 
-def test_resumed_run_sees_exactly_the_batches_and_losses_of_an_uninterrupted_run(tmp_path, corpus, cache_root):
-    """8 batches per epoch; stopped at step 14 (mid-epoch 2), resumed to 30: steps 15..30 are identical."""
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_resumed_run_sees_exactly_the_batches_and_losses_of_an_uninterrupted_run(tmp_path, corpus, cache_root,
+                                                                               accumulate):
+    """8 batches per epoch; a run stopped mid-epoch and resumed sees the batches and losses of a run never stopped.
+
+    accumulate 1: stopped at step 14 (batch 6 of epoch 1), resumed to step 30. accumulate 3 (an epoch is 3
+    optimizer steps, the last over 2 batches): stopped at step 5 (batch 6 of epoch 1), resumed to step 10.
+    """
+    stop, end = (14, 30) if accumulate == 1 else (5, 10)
     cfg = ("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.EMAWeightAveraging\n"
            "      init_args: {decay: 0.9}\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
-           "      init_args: {save_last: true, every_n_train_steps: 7}\n")
-    args = ["--data.batch_size", "64", "--trainer.val_check_interval", "10"]
-    _fit(tmp_path, "full", corpus, *args, "--trainer.max_steps", "30", config=cfg)
-    _fit(tmp_path, "part", corpus, *args, "--trainer.max_steps", "14", config=cfg)
+           f"      init_args: {{save_last: true, every_n_train_steps: {stop}}}\n")
+    args = ["--data.batch_size", "64", "--trainer.val_check_interval", "10",
+            "--trainer.accumulate_grad_batches", str(accumulate)]
+    _fit(tmp_path, "full", corpus, *args, "--trainer.max_steps", str(end), config=cfg)
+    _fit(tmp_path, "part", corpus, *args, "--trainer.max_steps", str(stop), config=cfg)
     ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
-    _fit(tmp_path, "rest", corpus, *args, "--trainer.max_steps", "30", "--ckpt_path", str(ckpt), config=cfg)
-    full = {r["step"]: r for r in read_records(tmp_path / "full.rec")}
-    rest = read_records(tmp_path / "rest.rec")
-    assert [r["step"] for r in rest] == list(range(15, 31))
-    assert {r["epoch"] for r in rest} == {1, 2, 3}  # the rest of epoch 1, then whole epochs
-    for r in rest:
-        assert r["index"] == full[r["step"]]["index"], r["step"]
-        assert r["loss"] == full[r["step"]]["loss"], r["step"]  # bit for bit: weights, optimizer, EMA, data
-    # and an epoch is a permutation of the blocks: no sample repeated or skipped
+    _fit(tmp_path, "rest", corpus, *args, "--trainer.max_steps", str(end), "--ckpt_path", str(ckpt), config=cfg)
+    full = read_records(tmp_path / "full.rec")
+    part, rest = read_records(tmp_path / "part.rec"), read_records(tmp_path / "rest.rec")
+    assert (part[-1]["epoch"], part[-1]["batch_idx"]) == (1, 5)  # stopped mid-epoch
+    assert part + rest == full  # every batch once, in order, with bit-identical losses (weights, optimizer, EMA)
+    assert rest[0]["step"] == stop + (accumulate == 1) and rest[-1]["step"] == end
     epoch2 = [i for r in rest if r["epoch"] == 2 for i in r["index"]]
-    assert len(epoch2) == len(set(epoch2)) == 8 * 64
+    assert len(epoch2) == len(set(epoch2)) == 8 * 64  # an epoch is a permutation: nothing repeated
 
 
 def test_resuming_with_another_global_batch_is_refused(tmp_path, corpus, cache_root):

@@ -294,9 +294,16 @@ def test_data_prepare_reports_tokens_shards_and_throughput(tmp_path):
         (["--data.corpus", "/no/such/corpus"], "no such file or folder"),
         (["--data.corpus", "openwebtext", "--data.path", "/no/copy"], "no such file or folder: /no/copy"),
         (["--data.packing", "zip"], "unknown packing"),
+        (["--data.corpus", "lm1b", "--data.path", "{tmp}"], "could not read it as a copy of lm1b"),
+        (["--data.corpus", "text8", "--data.path", "{tmp}/bad.zip"], "has no member 'text8'"),
+        (["--data.corpus", "text8"], "could not load"),
     ],
 )
-def test_data_prepare_bad_input_is_one_line(args, match):
+def test_data_prepare_bad_input_is_one_line(args, match, tmp_path):
+    with zipfile.ZipFile(tmp_path / "bad.zip", "w") as z:
+        z.writestr("other", "abc")
+    (tmp_path / "empty").mkdir()
+    args = [a.replace("{tmp}", str(tmp_path / "empty") if a == "{tmp}" else str(tmp_path)) for a in args]
     proc = run_cli("data", "prepare", *args)
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert proc.returncode == 2 and lines[-1].startswith("mdlm-kit: error: ") and match in lines[-1], proc.stderr
@@ -366,6 +373,11 @@ def test_recipe_config_trains_and_evaluates_on_a_local_sample(tmp_path, samples,
         assert ppl["num_tokens"] < 4 * seq_len
     else:
         assert ppl["num_tokens"] == 4 * seq_len
+    if recipe == "openwebtext":  # other block lengths re-pack the run's own validation documents (val_docs)
+        res = run_cli("ppl", "--checkpoint", str(ckpt), "--seq_len", "32")
+        assert res.returncode == 0, res.stderr[-2000:]
+        stream = sum(len(ids) + 1 for ids in _gpt2_ids(OWT_DOCS[-3:]))
+        assert json.loads(res.stdout)["num_tokens"] == stream // 30 * 32
     gen = run_cli("generate", "--checkpoint", str(ckpt), "--sampler", "fhs", "--num_samples", "1", "--length",
                   str(seq_len), "--seed", "0")
     assert gen.returncode == 0 and len(json.loads(gen.stdout)["tokens"]) == seq_len, gen.stderr[-2000:]
@@ -417,20 +429,29 @@ def test_streaming_gives_the_cached_blocks_in_stream_order(owt_disk):
     streamed.prepare()
     from mdlm_kit.data.datamodule import StreamingBlocks
 
-    blocks = np.stack([b for b, _ in StreamingBlocks(streamed._stream, streamed, 1, 0).blocks()])
+    blocks = np.stack([b for b, _ in StreamingBlocks(streamed._stream, streamed, 1, 0).blocks(epochs=1)])
     np.testing.assert_array_equal(blocks, np.asarray(cached.blocks("train")))
     np.testing.assert_array_equal(np.asarray(streamed.blocks("val")), np.asarray(cached.blocks("val")))
     with pytest.raises(UserError, match="streamed"):
         streamed.blocks("train")
-    # a resumed run drops the batches it already trained on
-    data = StreamingBlocks(streamed._stream, streamed, 1, 0)
-    data.skip_batches = 3
-    rest = [item["input_ids"].numpy() for item in data]
-    np.testing.assert_array_equal(np.stack(rest), blocks[6:])
+    # the stream is endless: the second pass follows the first
+    from itertools import islice
+
+    two = [item["input_ids"].numpy() for item in islice(StreamingBlocks(streamed._stream, streamed, 1, 0),
+                                                         2 * len(blocks))]
+    np.testing.assert_array_equal(np.stack(two), np.concatenate([blocks, blocks]))
+    # a resumed run drops the batches it already trained on, with or without DataLoader workers
+    from torch.utils.data import DataLoader
+
+    for workers in (0, 2):
+        data = StreamingBlocks(streamed._stream, streamed, 1, 0)
+        ref = [b["input_ids"].numpy() for b in islice(DataLoader(data, batch_size=2, num_workers=workers), 12)]
+        data.skip_batches = 3
+        rest = [b["input_ids"].numpy() for b in islice(DataLoader(data, batch_size=2, num_workers=workers), 9)]
+        np.testing.assert_array_equal(np.stack(rest), np.stack(ref[3:]))
 
 
 def test_streaming_splits_documents_over_processes_and_workers_without_overlap(owt_disk):
-    from torch.utils.data import DataLoader
 
     from mdlm_kit.data.datamodule import StreamingBlocks
 
@@ -443,10 +464,14 @@ def test_streaming_splits_documents_over_processes_and_workers_without_overlap(o
     def docs(items):
         return sorted(tuple(x["input_ids"][0, 1 : int(x["valid"].sum()) - 1].tolist()) for x in items)
 
-    per_rank = [docs(DataLoader(StreamingBlocks(dm._stream, dm, 2, r), batch_size=1)) for r in (0, 1)]
+    def one_pass(world, rank, workers=1):
+        data = StreamingBlocks(dm._stream, dm, world, rank)
+        return [{"input_ids": torch.from_numpy(b)[None], "valid": (torch.arange(256) < n)[None]}
+                for w in range(workers) for b, n in data.blocks(workers, w, epochs=1)]
+
+    per_rank = [docs(one_pass(2, r)) for r in (0, 1)]
     assert per_rank[0] and per_rank[1] and sorted(per_rank[0] + per_rank[1]) == everything
-    workers = docs(DataLoader(StreamingBlocks(dm._stream, dm, 1, 0), batch_size=1, num_workers=2))
-    assert workers == everything
+    assert docs(one_pass(1, 0, workers=3)) == everything
     with pytest.raises(UserError, match="pretrained tokenizer"):
         TextDataModule(**{**kw, "tokenizer": "bpe"})
 
@@ -461,8 +486,7 @@ def test_streaming_recipe_trains_end_to_end(tmp_path, samples):
                    *extra, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["global_step"] == 5
-    assert ckpt["TextDataModule"]["epoch_batches"] + ckpt["TextDataModule"]["epoch"] > 0
+    assert ckpt["global_step"] == 5 and ckpt["TextDataModule"]["epoch_batches"] == 5
 
 
 @pytest.mark.parametrize("recipe, hub, config", [("lm1b", "dvruette/lm1b", None),
@@ -487,3 +511,59 @@ def test_hub_and_local_copy_give_the_same_blocks(tmp_path, monkeypatch, recipe, 
     for split in ("train", "val"):
         np.testing.assert_array_equal(np.asarray(hub_dm.blocks(split)), np.asarray(local.blocks(split)))
     assert calls == [(hub, config)]
+
+
+
+def test_validation_batches_are_even_across_ranks_and_fillers_weigh_nothing():
+    from mdlm_kit.data.datamodule import BlockDataset, _ShardSampler
+
+    blocks = np.arange(10 * 4).reshape(10, 4)
+    seen = []
+    for rank in range(4):
+        batches = list(_ShardSampler(10, 2, 4, rank))
+        assert len(batches) == 2  # 10 blocks over 4 ranks: every rank 2 batches (3 entries, the last a filler)
+        items = [BlockDataset(blocks)[i] for b in batches for i in b]
+        seen += [it["index"] for it in items if it["weight"] == 1.0]
+        assert sum(it["weight"] == 0.0 for it in items) == 3 - len(range(rank, 10, 4))  # ranks 2, 3: one filler
+        np.testing.assert_array_equal(items[-1]["input_ids"].numpy(), blocks[items[-1]["index"]])
+    assert sorted(seen) == list(range(10))  # each real block once
+
+
+def test_unreadable_index_is_rebuilt_and_map_leaves_nothing_in_the_dataset_folder(owt_disk, tmp_path):
+    before = sorted(p.name for p in owt_disk.rglob("*"))
+    kw = dict(corpus="openwebtext", path=str(owt_disk), tokenizer="gpt2", packing="wrap", seq_len=16, val_docs=3)
+    dm = TextDataModule(**kw)
+    dm.prepare()
+    assert sorted(p.name for p in owt_disk.rglob("*")) == before  # no cache-*.arrow left beside the user's data
+    assert not list(dm.cache_folder.rglob("*.arrow"))
+    (dm.cache_folder / "train" / "index.json").write_text('{"dtype": "uint1')  # a truncated write
+    again = TextDataModule(**kw)
+    again.prepare()
+    assert not again.stats["train"].cached and again.stats["val"].cached
+    np.testing.assert_array_equal(np.asarray(again.blocks("train")), np.asarray(dm.blocks("train")))
+
+
+
+@pytest.mark.slow
+def test_ddp_on_padded_blocks_matches_one_process(tmp_path, samples):
+    """Ranks hold different numbers of real tokens; the scaled loss gives the one-process gradient."""
+    from helpers import read_records
+
+    path, extra = samples["lm1b"]
+    common = ["fit", "--config", str(CONFIGS / "lm1b_mdlm.yaml"), *CPU, "--data.path", str(path),
+              "--data.seq_len", "16", "--model.max_seq_len", "16", "--trainer.max_steps", "4",
+              "--trainer.log_every_n_steps", "1", "--trainer.callbacks+=helpers.RecordBatches", *extra]
+    env = {"PYTHONPATH": str(ROOT / "tests")}
+    for name, more in (("one", ["--data.batch_size", "4"]),
+                       ("two", ["--data.batch_size", "2", "--trainer.devices", "2", "--trainer.strategy", "ddp"])):
+        proc = run_cli(*common, *more, "--trainer.default_root_dir", str(tmp_path / name),
+                       "--trainer.callbacks.path", str(tmp_path / f"{name}.rec"), timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = read_records(tmp_path / "one.rec"), read_records(tmp_path / "two.rec", world_size=2)
+    assert [r["index"] for r in one] == [r["index"] for r in two]
+    for a, b in zip(one, two):
+        assert abs(np.mean(b["loss"]) - a["loss"][0]) < 2e-5, (a, b)
+    # and the ranks did hold different token counts (otherwise the scaling would not be tested)
+    dm = TextDataModule(corpus="lm1b", path=str(path), tokenizer=extra[1], packing="pad", seq_len=16)
+    lengths = [dm.blocks("train").lengths(r["index"]) for r in one]
+    assert any(x[:2].sum() != x[2:].sum() for x in lengths)

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,9 +141,16 @@ class _ShardWriter:
         self.buf, self.n_buf = [], 0
 
 
+def _host() -> str:
+    return socket.gethostname().replace("-", "_") or "host"
+
+
 def _remove_stale(parent: Path, name: str) -> None:
-    """Temporary folders left by preparations that died (their process is gone)."""
-    for tmp in parent.glob(f".{name}.tmp-*"):
+    """Temporary folders left by preparations on this machine that died (their process is gone).
+
+    Folders of other machines sharing the cache are left alone: their processes cannot be seen from here.
+    """
+    for tmp in parent.glob(f".{name}.tmp-{_host()}-*"):
         try:
             pid = int(tmp.name.rsplit("-", 1)[1])
             os.kill(pid, 0)
@@ -150,6 +158,29 @@ def _remove_stale(parent: Path, name: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         except PermissionError:
             pass
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_complete(folder: Path) -> TokenStream | None:
+    """The cached split in ``folder``, or None (and the folder cleared away) if it cannot be read."""
+    try:
+        return TokenStream(folder)
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("token cache %s is unreadable (%s); rebuilding it", folder, e)
+        trash = folder.parent / f".{folder.name}.broken-{_host()}-{os.getpid()}"
+        try:
+            os.replace(folder, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        except OSError:
+            pass
+        return None
 
 
 @dataclass
@@ -182,15 +213,19 @@ def build_split(
     ``encode_batch(list[str]) -> list[list[int]]`` runs under ``Dataset.map(batched=True, num_proc=...)``.
     """
     if (folder / "index.json").exists():
-        return TokenStream(folder), BuildStats(0, 0, 0, 0.0, cached=True)
+        stream = _open_complete(folder)
+        if stream is not None:
+            return stream, BuildStats(0, 0, 0, 0.0, cached=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(folder.parent, folder.name)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    tmp = folder.parent / f".{folder.name}.tmp-{_host()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     t0 = time.perf_counter()
     try:
         dtype = token_dtype(vocab_size)
+        work = tmp / "_map"  # map's Arrow output stays in the build folder and goes with it
+        work.mkdir()
         tokenized = dataset.map(
             lambda batch: {"ids": encode_batch(batch["text"])},
             batched=True,
@@ -199,6 +234,7 @@ def build_split(
             remove_columns=dataset.column_names,
             desc=f"tokenizing {folder.name}",
             load_from_cache_file=False,
+            cache_file_name=str(work / "tokenized.arrow"),
         )
         writer = _ShardWriter(tmp, dtype, shard_tokens)
         pre_a, post_a = np.asarray(pre, np.int64), np.asarray(post, np.int64)
@@ -213,6 +249,8 @@ def build_split(
             bar.update(len(batch["ids"]))
         bar.close()
         writer.close()
+        del tokenized
+        shutil.rmtree(work, ignore_errors=True)
         np.save(tmp / "doc_ends.npy", np.asarray(ends, dtype=np.int64))
         seconds = time.perf_counter() - t0
         index = {
@@ -220,8 +258,11 @@ def build_split(
             "num_docs": len(ends), "seconds": round(seconds, 3), **meta,
         }
         (tmp / "index.json").write_text(json.dumps(index, indent=1))
+        for name in ("doc_ends.npy", "index.json", "."):  # on disk before the rename makes them visible
+            _fsync(tmp / name)
         try:
             os.replace(tmp, folder)  # the whole split appears at once, or not at all
+            _fsync(folder.parent)
         except OSError:
             if not (folder / "index.json").exists():  # not another process that finished first
                 raise
@@ -292,9 +333,10 @@ class Blocks:
         ids = np.arange(self._n)[idx] if isinstance(idx, slice) else np.asarray(idx, np.int64).reshape(-1)
         if self.packing != "pad":
             return np.full(len(ids), self.seq_len, dtype=np.int64)
-        ends = np.asarray(self.stream.doc_ends)
-        starts = np.concatenate([[0], ends[:-1]])
-        return np.minimum(ends[ids] - starts[ids], self.seq_len - 2) + 2
+        ends = self.stream.doc_ends  # memory-mapped: read only the entries needed
+        hi = np.asarray(ends[ids], dtype=np.int64)
+        lo = np.where(ids > 0, np.asarray(ends[np.maximum(ids - 1, 0)], dtype=np.int64), 0)
+        return np.minimum(hi - lo, self.seq_len - 2) + 2
 
     def head(self, n: int) -> Blocks:
         """The first ``n`` blocks (same packing, lazily)."""

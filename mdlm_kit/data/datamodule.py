@@ -62,7 +62,11 @@ class BlockDataset(Dataset):
         return len(self.blocks)
 
     def __getitem__(self, i: int) -> dict:
-        item = {"input_ids": torch.from_numpy(np.asarray(self.blocks[i], dtype=np.int64)), "index": i}
+        weight = 1.0
+        if i < 0:  # a filler entry of the validation sampler: block -1 - i, counted with weight 0
+            i, weight = -1 - i, 0.0
+        item = {"input_ids": torch.from_numpy(np.asarray(self.blocks[i], dtype=np.int64)), "index": i,
+                "weight": weight}
         if getattr(self.blocks, "padded", False):
             n = int(self.blocks.lengths([i])[0])
             item["valid"] = torch.arange(self.blocks.seq_len) < n
@@ -117,10 +121,17 @@ class EpochBatchSampler:
 
 
 class _ShardSampler:
-    """Validation: rank r of W takes blocks r, r + W, ... in order, nothing duplicated."""
+    """Validation: rank r of W takes blocks r, r + W, ... in order.
+
+    Every rank gets the same number of batches (FSDP gathers weights in each forward, so a rank with an
+    extra batch would wait forever): short ranks are topped up with entries ``-1 - i`` (block i again,
+    with weight 0), which ``BlockDataset`` marks so the metrics leave them out.
+    """
 
     def __init__(self, num_samples: int, batch_size: int, world_size: int, rank: int):
         self.idx = list(range(rank, num_samples, world_size))
+        per_rank = -(-num_samples // world_size)
+        self.idx += [-1 - self.idx[0] if self.idx else -1] * (per_rank - len(self.idx))
         self.batch_size = batch_size
 
     def __iter__(self):
@@ -134,14 +145,18 @@ class _ShardSampler:
 class StreamingBlocks(torch.utils.data.IterableDataset):
     """Blocks packed on the fly from a stream of documents (``data.streaming``: nothing stored on disk).
 
-    Process r of W (and DataLoader worker w of K) reads every (W K)-th piece of the stream
-    (``datasets.distributed.split_dataset_by_node``), shuffled within a buffer from (seed, epoch).
-    Unlike the cached path, which batch a sample lands in depends on the number of processes. A
-    resumed run replays its epoch from the start and drops the batches it already trained on.
+    The stream is endless: when the documents run out, the next pass starts with the shuffle buffer
+    reseeded (``set_epoch``), so processes that run out at different times never leave the others waiting
+    in a collective; training length is ``trainer.max_steps`` and validation goes by steps. Process r of
+    W (and DataLoader worker w of K) reads its own part of the stream
+    (``datasets.distributed.split_dataset_by_node``; by example where a held-out tail was cut off the
+    stream, so no process reads past the cut). Which batch a sample lands in depends on the number of
+    processes, unlike the cached path. A resumed run replays the stream and drops, in each worker, the
+    batches that worker already delivered (the DataLoader takes batches from its workers in turn).
     """
 
-    def __init__(self, stream, dm: TextDataModule, world: int, rank: int, epoch_fn=None):
-        self.stream, self.world, self.rank, self.epoch_fn = stream, world, rank, epoch_fn
+    def __init__(self, stream, dm: TextDataModule, world: int, rank: int):
+        self.stream, self.world, self.rank = stream, world, rank
         h = dm.hparams
         tok = dm.tokenizer
         self.encode = tok.encode_batch
@@ -149,50 +164,59 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
         self.packing, self.seq_len, self.batch_size = h.packing, h.seq_len, h.batch_size
         self.bos, self.eos, self.pad = tok.bos_id, tok.eos_id, tok.pad_id
         self.seed, self.buffer = dm.seed, h.shuffle_buffer
-        self.epoch, self.skip_batches = 0, 0
+        self.skip_batches = 0  # batches the DataLoader already delivered (a resumed run)
 
-    def _documents(self):
+    def _documents(self, workers: int, wid: int, epoch: int):
         from datasets.distributed import split_dataset_by_node
 
-        info = torch.utils.data.get_worker_info()
-        workers, wid = (info.num_workers, info.id) if info is not None else (1, 0)
         ds = self.stream
         if self.world * workers > 1:
-            ds = split_dataset_by_node(ds, rank=self.rank * workers + wid, world_size=self.world * workers)
+            strategy = "examples" if getattr(ds, "_mdlm_kit_cut", False) else "auto"
+            ds = split_dataset_by_node(ds, rank=self.rank * workers + wid, world_size=self.world * workers,
+                                       strategy=strategy)
         if self.buffer > 1:
             ds = ds.shuffle(seed=self.seed, buffer_size=self.buffer)
-            ds.set_epoch(self.epoch)
+            ds.set_epoch(epoch)
         for batch in ds.iter(batch_size=256):
             yield from self.encode(batch["text"])
 
-    def blocks(self):
-        """(block, number of real tokens) in stream order."""
+    def blocks(self, workers: int = 1, wid: int = 0, epochs: int | None = None):
+        """(block, number of real tokens), pass after pass over this worker's part of the stream."""
         L = self.seq_len
-        if self.packing == "pad":
-            for ids in self._documents():
-                doc = ids[: L - 2]
-                block = np.full(L, self.pad, dtype=np.int64)
-                block[0], block[1 : 1 + len(doc)], block[1 + len(doc)] = self.bos, doc, self.eos
-                yield block, len(doc) + 2
-            return
         piece = L - 2 if self.packing == "wrap" else L
-        buf: list[int] = []
-        for ids in self._documents():
-            buf.extend([*self.pre, *ids, *self.post])
-            while len(buf) >= piece:
-                chunk, buf = buf[:piece], buf[piece:]
-                if self.packing == "wrap":
-                    chunk = [self.bos, *chunk, self.eos]
-                yield np.asarray(chunk, dtype=np.int64), L
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            n_before = 0
+            buf: list[int] = []
+            for ids in self._documents(workers, wid, epoch):
+                n_before += 1
+                if self.packing == "pad":
+                    doc = ids[: L - 2]
+                    block = np.full(L, self.pad, dtype=np.int64)
+                    block[0], block[1 : 1 + len(doc)], block[1 + len(doc)] = self.bos, doc, self.eos
+                    yield block, len(doc) + 2
+                    continue
+                buf.extend([*self.pre, *ids, *self.post])
+                while len(buf) >= piece:
+                    chunk, buf = buf[:piece], buf[piece:]
+                    if self.packing == "wrap":
+                        chunk = [self.bos, *chunk, self.eos]
+                    yield np.asarray(chunk, dtype=np.int64), L
+            if n_before == 0:
+                raise UserError("the training stream holds no documents for this process; use fewer processes "
+                                "or workers, or more data")
+            epoch += 1
 
     def __iter__(self):
-        if self.epoch_fn is not None:
-            epoch = int(self.epoch_fn())
-            if epoch != self.epoch:
-                self.skip_batches = 0
-            self.epoch = epoch
-        skip, self.skip_batches = self.skip_batches * self.batch_size, 0
-        for i, (block, n) in enumerate(self.blocks()):
+        info = torch.utils.data.get_worker_info()
+        workers, wid = (info.num_workers, info.id) if info is not None else (1, 0)
+        # Batch j came from worker j mod K, and a new DataLoader starts again at worker 0: worker w takes the
+        # part of the stream of the worker that delivered batch (skip + w), which had delivered
+        # ceil((skip - part) / K) of the first skip batches.
+        part = (wid + self.skip_batches) % workers
+        mine = max(0, -(-(self.skip_batches - part) // workers))
+        skip = mine * self.batch_size
+        for i, (block, n) in enumerate(self.blocks(workers, part)):
             if i < skip:
                 continue
             item = {"input_ids": torch.from_numpy(block), "index": i}
@@ -435,13 +459,14 @@ class TextDataModule(L.LightningDataModule):
         if sampler.batches_per_epoch == 0:
             raise UserError(f"the training split has {n} blocks, fewer than one global batch of "
                             f"{self.hparams.batch_size} x {world} processes; lower data.batch_size")
-        if self._resume is not None and "consumed_batches" in self._resume:
-            consumed = self._resume["consumed_batches"]
+        if self._resume is not None and "epoch" in self._resume:
             if self._resume.get("global_batch") != sampler.batch_size * world:
                 raise UserError(f"the checkpoint was trained with a global batch of {self._resume.get('global_batch')} "
                                 f"sequences, this run has {sampler.batch_size * world}; resume with the same "
                                 "data.batch_size x processes")
-            sampler.epoch, sampler.skip = divmod(consumed, sampler.batches_per_epoch)
+            # Lightning's own counters (they follow accumulate_grad_batches and limit_train_batches); a position
+            # at the end of an epoch is dropped when Lightning starts the next epoch (set_epoch)
+            sampler.epoch, sampler.skip = self._resume["epoch"], self._resume["epoch_batches"]
             self._resume = None
         return sampler
 
@@ -450,14 +475,11 @@ class TextDataModule(L.LightningDataModule):
         if h.streaming:
             self.prepare()
             world, rank = self._world()
-            trainer = self.trainer
-            data = StreamingBlocks(self._stream, self, world, rank,
-                                   epoch_fn=(lambda: trainer.current_epoch) if trainer is not None else None)
-            if self._resume is not None:
-                data.epoch, data.skip_batches = self._resume.get("epoch", 0), self._resume.get("epoch_batches", 0)
+            data = StreamingBlocks(self._stream, self, world, rank)
+            if self._resume is not None:  # the stream is one endless epoch: skip what it delivered
+                data.skip_batches = self._resume.get("epoch_batches", 0)
                 self._resume = None
-            return DataLoader(data, batch_size=h.batch_size, drop_last=True, num_workers=h.num_workers,
-                              persistent_workers=h.num_workers > 0)
+            return DataLoader(data, batch_size=h.batch_size, drop_last=True, num_workers=h.num_workers)
         return DataLoader(
             BlockDataset(self.blocks("train")),
             batch_sampler=self.train_batch_sampler(),
@@ -484,9 +506,8 @@ class TextDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is not None and trainer.state.fn == "fit":
             world, _ = self._world()
-            state["consumed_batches"] = int(trainer.global_step) * trainer.accumulate_grad_batches
             state["global_batch"] = self.hparams.batch_size * world
-            state["epoch"] = int(trainer.current_epoch)  # the streaming position: batches into this epoch
+            state["epoch"] = int(trainer.current_epoch)  # the data position: batches into this epoch
             state["epoch_batches"] = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
         return state
 
@@ -494,9 +515,8 @@ class TextDataModule(L.LightningDataModule):
         self._restored_tokenizer = state_dict.get("tokenizer")
         if self._restored_tokenizer is not None:  # usable at once: generation needs no corpus
             self.tokenizer = tokenizer_from_dict(self._restored_tokenizer)
-        if "consumed_batches" in state_dict:
-            keys = ("consumed_batches", "global_batch", "epoch", "epoch_batches")
-            self._resume = {k: state_dict[k] for k in keys if k in state_dict}
+        if "epoch_batches" in state_dict:
+            self._resume = {k: state_dict[k] for k in ("global_batch", "epoch", "epoch_batches")}
 
 
 def token_counts_summary(dm: TextDataModule) -> dict:

@@ -167,11 +167,21 @@ def is_dataset_name(name: str) -> bool:
 
 def _load_local(path: str, recipe: Recipe):
     """A local copy in the hub's format, as {split: Dataset}."""
-    import datasets
-
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"data.path: no such file or folder: {path} (a local copy of {recipe.name})")
+    try:
+        return _read_local(p, recipe)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"data.path {path}: could not read it as a copy of {recipe.name} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'no detail'})") from None
+
+
+def _read_local(p: Path, recipe: Recipe):
+    import datasets
+
     if p.is_dir() and ((p / "dataset_dict.json").exists() or (p / "state.json").exists()):
         ds = datasets.load_from_disk(str(p))
         return dict(ds) if isinstance(ds, datasets.DatasetDict) else {recipe.splits[0]: ds}
@@ -194,8 +204,12 @@ def _text8_splits(p: Path):
 
     import datasets
 
-    if p.suffix == ".zip":
+    if p.is_dir():  # the extracted archive
+        p = p / "text8"
+    if zipfile.is_zipfile(p):
         with zipfile.ZipFile(p) as z:
+            if "text8" not in z.namelist():
+                raise UserError(f"{p} has no member 'text8'; is it text8.zip?")
             text = z.read("text8").decode("utf-8")
     else:
         text = p.read_text(encoding="utf-8")
@@ -209,11 +223,12 @@ def _text8_splits(p: Path):
 def _load_hub(recipe: Recipe, streaming: bool):
     import datasets
 
-    if recipe.name == "text8":
-        local = datasets.DownloadManager().download(TEXT8_URL)
-        return _text8_splits(Path(local))
     try:
+        if recipe.name == "text8":
+            return _text8_splits(Path(datasets.DownloadManager().download_and_extract(TEXT8_URL)))
         ds = datasets.load_dataset(recipe.hub, recipe.config, streaming=streaming)
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(
             f"could not load {recipe.hub!r} from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}); "
@@ -272,6 +287,7 @@ def load_recipe_splits(
                 raise UserError(f"{where}: streaming with {n_val} held-out documents needs the stream's length "
                                 f"(dataset info says {n}); set data.streaming false or data.val_docs lower")
             out["train"], out["val"] = full.take(n - n_val), _materialize(full.skip(n - n_val))
+            out["train"]._mdlm_kit_cut = True  # split over processes by example: shards would cross the cut
         elif len(full) <= n_val:
             raise UserError(f"{where} has {len(full)} documents, not more than the {n_val} held out for validation; "
                             "set data.val_docs lower")
@@ -322,6 +338,7 @@ def _clean(ds, recipe: Recipe, key: str):
         return ds
     kwargs = {} if hasattr(ds, "n_shards") else {"desc": f"{recipe.name}: cleaning"}  # a stream maps lazily
     out = ds.map(fn, batched=True, remove_columns=drop or None, **kwargs)
-    if hasattr(ds, "_mdlm_kit_len"):
-        out._mdlm_kit_len = ds._mdlm_kit_len
+    for attr in ("_mdlm_kit_len", "_mdlm_kit_cut"):
+        if hasattr(ds, attr):
+            setattr(out, attr, getattr(ds, attr))
     return out
