@@ -277,6 +277,14 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="doc", disable=not enabled, leave=False)
 
 
+def pad_block(doc, seq_len: int, bos_id: int, eos_id: int, pad_id: int) -> np.ndarray:
+    """``pad`` packing of one document: [BOS] doc[:L-2] [EOS], then padding up to L."""
+    doc = doc[: seq_len - 2]
+    out = np.full(seq_len, pad_id, dtype=np.int64)
+    out[0], out[1 : 1 + len(doc)], out[1 + len(doc)] = bos_id, doc, eos_id
+    return out
+
+
 class Blocks:
     """Fixed-length blocks of a cached split, packed on read; ``blocks[i]`` / ``blocks[a:b]`` -> int64 arrays.
 
@@ -306,10 +314,7 @@ class Blocks:
             piece = self.stream.read(i * (L - 2), (i + 1) * (L - 2))
             return np.concatenate([[self.bos_id], piece, [self.eos_id]]).astype(np.int64)
         if self.packing == "pad":
-            doc = self.stream.doc(i)[: L - 2]
-            out = np.full(L, self.pad_id, dtype=np.int64)
-            out[0], out[1 : 1 + len(doc)], out[1 + len(doc)] = self.bos_id, doc, self.eos_id
-            return out
+            return pad_block(self.stream.doc(i), L, self.bos_id, self.eos_id, self.pad_id)
         return self.stream.read(i * L, (i + 1) * L)
 
     def _indices(self, idx) -> np.ndarray:

@@ -23,7 +23,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mdlm_kit.data.cache import PACKINGS, SHARD_TOKENS, ArrayStream, Blocks, BuildStats, build_split, separators
+from mdlm_kit.data.cache import (
+    PACKINGS,
+    SHARD_TOKENS,
+    ArrayStream,
+    Blocks,
+    BuildStats,
+    build_split,
+    pad_block,
+    separators,
+)
 from mdlm_kit.data.corpora import Corpus, load_corpus
 from mdlm_kit.data.recipes import is_dataset_name, load_recipe_splits
 from mdlm_kit.data.tokenizers import Tokenizer, build_tokenizer, check_tokenizer_name, tokenizer_from_dict
@@ -191,10 +200,7 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
             for ids in self._documents(workers, wid, epoch):
                 n_before += 1
                 if self.packing == "pad":
-                    doc = ids[: L - 2]
-                    block = np.full(L, self.pad, dtype=np.int64)
-                    block[0], block[1 : 1 + len(doc)], block[1 + len(doc)] = self.bos, doc, self.eos
-                    yield block, len(doc) + 2
+                    yield pad_block(ids, L, self.bos, self.eos, self.pad), min(len(ids), L - 2) + 2
                     continue
                 buf.extend([*self.pre, *ids, *self.post])
                 while len(buf) >= piece:
