@@ -39,6 +39,8 @@ commands:
                                         mdlm-kit check-likelihood [--source markov|iid] [--steps N]
   data prepare  tokenize a config's data into the token cache, report tokens, shards and tokens/s:
                                         mdlm-kit data prepare --config configs/owt_mdlm_small.yaml [--data.KEY V]
+  export     a checkpoint as a Hugging Face model folder (safetensors, config, tokenizer):
+                                        mdlm-kit export --checkpoint CKPT --out DIR
   report     NELBO, unigram entropy and bits/char of a checkpoint as JSON:
                                         mdlm-kit report --checkpoint CKPT [--num_samples 3]
 
@@ -165,6 +167,16 @@ def _check_likelihood(argv: list[str]) -> None:
         sys.exit(1)
 
 
+def _export(argv: list[str]) -> None:
+    import json
+
+    from jsonargparse import CLI
+
+    from mdlm_kit.hf import export
+
+    print(json.dumps(CLI(export, args=argv, exit_on_error=False, as_positional=False)))
+
+
 def _data(argv: list[str]) -> None:
     import json
 
@@ -188,6 +200,7 @@ def _data(argv: list[str]) -> None:
 
 COMMANDS = {
     "data": _data,
+    "export": _export,
     "report": _report,
     "generate": _generate,
     "ppl": _ppl,

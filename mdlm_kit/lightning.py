@@ -183,6 +183,8 @@ class MaskedDiffusionLM(LanguageModel):
         n_layers, d_model, n_heads, cond_dim, max_seq_len: override the named size.
         dropout: dropout in the blocks.
         time_conditioning: feed the noise level to the backbone (adaLN); off by default (time-agnostic).
+        layout: ``kit`` (this toolkit's blocks) or ``mdlm`` (the MDLM reference DiT's layout, for its
+            checkpoints; see ``mdlm_kit.models.dit``).
         schedule: noise schedule name (``loglinear``, ``linear``, ``cosine``, ``polynomial``, ``geometric``).
         schedule_kwargs: arguments of the schedule, e.g. ``{eps: 1e-3}`` or ``{power: 2}``.
         num_steps: None for the continuous-time NELBO, else the number T of discrete steps.
@@ -214,6 +216,7 @@ class MaskedDiffusionLM(LanguageModel):
         max_seq_len: int | None = None,
         dropout: float = 0.0,
         time_conditioning: bool = False,
+        layout: str = "kit",
         schedule: str = "loglinear",
         schedule_kwargs: dict | None = None,
         num_steps: int | None = None,
@@ -248,7 +251,7 @@ class MaskedDiffusionLM(LanguageModel):
         self._build(
             vocab_size, size, lr, warmup_steps, decay_steps,
             n_layers=n_layers, d_model=d_model, n_heads=n_heads, cond_dim=cond_dim, max_seq_len=max_seq_len,
-            dropout=dropout, time_conditioning=time_conditioning,
+            dropout=dropout, time_conditioning=time_conditioning, layout=layout,
         )
 
     def loss_terms(self, x0: torch.Tensor, keys: torch.Tensor, stream: int,

@@ -27,6 +27,10 @@ class DiTConfig:
     dropout: float = 0.0
     time_conditioning: bool = False
     rope_base: float = 10000.0
+    # "kit": this toolkit's blocks (plain pre-norm when time-agnostic); "mdlm": the MDLM reference DiT's
+    # exact layout (adaLN in every block even when time-agnostic, weight-only norms, sigma input), for
+    # imported MDLM checkpoints
+    layout: str = "kit"
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "cond_dim", "mlp_ratio", "max_seq_len"):
@@ -38,6 +42,8 @@ class DiTConfig:
             raise UserError(
                 f"model: d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads of even size"
             )
+        if self.layout not in ("kit", "mdlm"):
+            raise UserError(f"model: layout must be kit or mdlm, got {self.layout!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model: dropout must be in [0, 1), got {self.dropout}")
 
