@@ -51,6 +51,12 @@ class DiTConfig:
     def mask_id(self) -> int:
         return self.vocab_size - 1
 
+    @property
+    def adaptive(self) -> bool:
+        """Whether the blocks carry adaLN modulation and a time embedding: time-conditioned models, and every
+        MDLM-layout model (MDLM feeds a time-agnostic model sigma = 0, a constant conditioning vector)."""
+        return self.time_conditioning or self.layout == "mdlm"
+
     @classmethod
     def from_name(cls, name: str, vocab_size: int, **overrides) -> DiTConfig:
         if name not in SIZES:

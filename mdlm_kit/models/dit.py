@@ -1,13 +1,21 @@
 """A bidirectional diffusion transformer in the style of MDLM's DiT, in build order.
 
-norm -> rotary -> attention -> MLP -> block -> final layer -> model.
+norm -> rotary -> time embedding -> attention -> MLP -> block -> final layer -> model.
 
 Layout follows MDLM's DiT (fused qkv without bias, GPT-NeoX rotary over the full
 head dimension, pre-norm blocks, GELU-tanh MLP with biases, adaLN
-shift/scale/gate modulation from the time embedding), so its checkpoints can be
-mapped onto this one. With ``time_conditioning=False`` (the default; the
-optimal denoiser of masked diffusion does not need t) the blocks are plain
-pre-norm blocks with affine LayerNorms and no time embedding.
+shift/scale/gate modulation from the time embedding). Two layouts
+(``DiTConfig.layout``):
+
+- ``kit`` (this toolkit's own): with ``time_conditioning=False`` (the default; the
+  optimal denoiser of masked diffusion does not need t) the blocks are plain
+  pre-norm blocks with affine LayerNorms and no time embedding; time-conditioned
+  models get adaLN, non-affine norms and a time embedding of the mask rate x 1000.
+- ``mdlm``: exactly the MDLM reference DiT (kuleshov-group/mdlm ``models/dit.py``),
+  for its checkpoints (``mdlm_kit.models.mdlm_import``): weight-only LayerNorms,
+  adaLN in every block and in the final layer, conditioned on MDLM's total noise
+  sigma = -log(alpha_t) = -log(1 - mask rate). A time-agnostic MDLM model is called
+  with sigma = 0, so its conditioning vector is the constant silu(embed(0)), not zero.
 """
 
 from __future__ import annotations
@@ -44,6 +52,13 @@ class Rotary(nn.Module):
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def layer_norm(cfg: DiTConfig) -> nn.LayerNorm:
+    if cfg.layout == "mdlm":  # MDLM's LayerNorm: a weight and no bias (adaLN's shift stands in for it)
+        return nn.LayerNorm(cfg.d_model, bias=False)
+    # kit: under adaLN the modulation supplies the affine part, as in MDLM
+    return nn.LayerNorm(cfg.d_model, elementwise_affine=not cfg.time_conditioning)
+
+
 class TimestepEmbedder(nn.Module):
     """Sinusoidal features of the noise level followed by an MLP (DiT / MDLM)."""
 
@@ -54,7 +69,8 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
 
     def forward(self, level: Tensor) -> Tensor:
-        # level: (B,) mask rate in [0, 1], scaled so the sinusoids resolve it as DiT resolves t in [0, 1000]
+        # level: (B,); kit: the mask rate in [0, 1], scaled by 1000 so the sinusoids resolve it as DiT resolves
+        # t in [0, 1000]; mdlm: sigma, unscaled (scale 1)
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=level.device, dtype=torch.float32) / half)
         args = (level.float() * self.scale)[:, None] * freqs[None]  # (B, half)
@@ -97,14 +113,12 @@ class Block(nn.Module):
 
     def __init__(self, cfg: DiTConfig, causal: bool):
         super().__init__()
-        cond = cfg.time_conditioning
-        # under adaLN the modulation supplies the affine part, as in MDLM
-        self.norm1 = nn.LayerNorm(cfg.d_model, elementwise_affine=not cond)
+        self.norm1 = layer_norm(cfg)
         self.attn = Attention(cfg, causal)
-        self.norm2 = nn.LayerNorm(cfg.d_model, elementwise_affine=not cond)
+        self.norm2 = layer_norm(cfg)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
-        self.adaLN = nn.Linear(cfg.cond_dim, 6 * cfg.d_model) if cond else None
+        self.adaLN = nn.Linear(cfg.cond_dim, 6 * cfg.d_model) if cfg.adaptive else None
 
     def forward(self, x: Tensor, rotary: Rotary, c: Tensor | None) -> Tensor:
         if self.adaLN is None:
@@ -119,10 +133,9 @@ class Block(nn.Module):
 class FinalLayer(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        cond = cfg.time_conditioning
-        self.norm = nn.LayerNorm(cfg.d_model, elementwise_affine=not cond)
+        self.norm = layer_norm(cfg)
         self.linear = nn.Linear(cfg.d_model, cfg.vocab_size)
-        self.adaLN = nn.Linear(cfg.cond_dim, 2 * cfg.d_model) if cond else None
+        self.adaLN = nn.Linear(cfg.cond_dim, 2 * cfg.d_model) if cfg.adaptive else None
 
     def features(self, x: Tensor, c: Tensor | None) -> Tensor:
         """What the output projection sees: (B, S, D)."""
@@ -148,7 +161,9 @@ class DiT(nn.Module):
         self.config = cfg
         self.causal = causal
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.time_embed = TimestepEmbedder(cfg.cond_dim) if cfg.time_conditioning else None
+        self.time_embed = None
+        if cfg.adaptive:
+            self.time_embed = TimestepEmbedder(cfg.cond_dim, scale=1.0 if cfg.layout == "mdlm" else 1000.0)
         self.rotary = Rotary(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_base)
         self.blocks = nn.ModuleList(Block(cfg, causal) for _ in range(cfg.n_layers))
         self.final = FinalLayer(cfg)
@@ -184,15 +199,32 @@ class DiT(nn.Module):
         B, S = input_ids.shape
         if S > self.config.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds the model's max_seq_len {self.config.max_seq_len}")
-        c = None
-        if self.time_embed is not None:
-            if cond is None:
-                raise ValueError("this model is time-conditioned: pass cond (the mask rate per sequence)")
-            c = F.silu(self.time_embed(cond))  # (B, cond_dim)
+        c = self.conditioning(cond, B)  # (B, cond_dim) or None
         x = self.embed(input_ids)  # (B, S, D)
         for block in self.blocks:
             x = block(x, self.rotary, c)
         return self.final.features(x, c)  # (B, S, D)
+
+    def conditioning(self, cond: Tensor | None, batch: int) -> Tensor | None:
+        """The adaLN conditioning vector c: (batch, cond_dim), or None for the kit's time-agnostic blocks.
+
+        ``cond`` is the mask rate 1 - alpha_t per sequence (batch,), or None for time-agnostic models.
+        """
+        if self.time_embed is None:
+            return None
+        cfg = self.config
+        if cfg.layout == "mdlm" and not cfg.time_conditioning:
+            # MDLM zeroes sigma for time-agnostic models (Diffusion._process_sigma) but still embeds it
+            level = torch.zeros(batch, device=self.embed.weight.device)
+        elif cond is None:
+            raise ValueError("this model is time-conditioned: pass cond (the mask rate per sequence)")
+        elif cfg.layout == "mdlm":
+            # MDLM's total noise sigma = -log(alpha_t) = -log(1 - r), whatever the schedule; the clamp keeps the
+            # all-masked input (r = 1, the NELBO's endpoint) finite
+            level = -torch.log1p(-cond.float().clamp(0.0, 1.0 - 1e-6))
+        else:
+            level = cond
+        return F.silu(self.time_embed(level))  # (batch, cond_dim)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
