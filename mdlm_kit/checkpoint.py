@@ -27,12 +27,17 @@ def _model_class(ckpt: dict):
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu", kind: str | None = None):
-    """(model in eval mode, TextDataModule with the checkpoint's tokenizer) from a ``.ckpt`` file.
+    """(model in eval mode, TextDataModule with the checkpoint's tokenizer) from a ``.ckpt`` file, or from a
+    folder written by ``mdlm-kit export`` (``mdlm_kit.hf.load_export``).
 
     The model is a ``MaskedDiffusionLM`` or an ``AutoregressiveLM``, whichever wrote the checkpoint;
     ``kind`` (``diffusion`` or ``autoregressive``) makes any other kind an error.
     """
     path = Path(path)
+    if path.is_dir():  # a Hugging Face export: every command that takes --checkpoint takes one
+        from mdlm_kit.hf import load_export
+
+        return load_export(path, map_location, kind)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
