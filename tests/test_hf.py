@@ -361,3 +361,25 @@ def test_importing_the_package_registers_nothing_and_re_import_is_safe():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("layout", ["kit", "mdlm"])
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_save_and_load_are_exact_for_every_layout(layout, conditioned, tmp_path):
+    """Random weights (every parameter non-zero) through save_pretrained / from_pretrained: the rotary tables,
+    which the file does not hold, are rebuilt and nothing the file holds is re-initialized."""
+    from mdlm_kit.models import DiTConfig
+
+    dit = DiTConfig(vocab_size=11, n_layers=2, d_model=32, n_heads=2, cond_dim=16, max_seq_len=32,
+                    time_conditioning=conditioned, layout=layout)
+    model = hf.MdlmKitForMaskedLM(hf.MdlmKitConfig(dit_config=dit.to_dict())).eval()
+    torch.manual_seed(3)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    model.save_pretrained(tmp_path)
+    loaded, logs = _from_pretrained(AutoModelForMaskedLM, tmp_path)
+    assert not logs, logs
+    ids, cond = _ids(11, length=32), torch.rand(3)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, cond=cond).logits, model(ids, cond=cond).logits)
+    assert loaded.config.dit() == dit
