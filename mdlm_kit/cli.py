@@ -66,7 +66,9 @@ def _lightning_cli(argv: list[str] | None) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+    from mdlm_kit.callbacks import AtomicCheckpointIO, FinalCheckpoint
     from mdlm_kit.data import TextDataModule
     from mdlm_kit.lightning import LanguageModel
 
@@ -85,13 +87,18 @@ def _lightning_cli(argv: list[str] | None) -> None:
             parser.link_arguments("data.model_vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
         def _place_outputs(self) -> None:
-            """Checkpoints in DIR/checkpoints (last.ckpt always), CSV and TensorBoard logs under DIR."""
+            """Checkpoints in DIR/checkpoints (last.ckpt always, written atomically, also at the end of the run
+            and on SIGTERM), CSV and TensorBoard logs under DIR."""
             trainer = self.trainer
             root = Path(trainer.default_root_dir)
             for cb in trainer.checkpoint_callbacks:
                 if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                     cb.dirpath = str(root / "checkpoints")
                     cb.save_last = True
+            if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the user chose
+                trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            if not any(isinstance(cb, FinalCheckpoint) for cb in trainer.callbacks):
+                trainer.callbacks.append(FinalCheckpoint())  # after ModelCheckpoint: it saves first when due
             if self.config[self.subcommand].trainer.logger in (None, True):
                 tb = TensorBoardLogger(str(root), name="tensorboard", default_hp_metric=False)
                 trainer.loggers = [CSVLogger(str(root), name="csv"), tb]

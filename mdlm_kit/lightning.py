@@ -8,6 +8,7 @@ next-token loss), so the two are compared on equal terms. The CLI picks one with
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -21,6 +22,10 @@ from mdlm_kit.models import DiT, DiTConfig
 from mdlm_kit.objective import ESTIMATORS, NelboTerms, autoregressive_nll, nelbo_from_keys
 from mdlm_kit.schedules import make_schedule
 
+log = logging.getLogger(__name__)
+NONFINITE = ("stop", "skip")
+MAX_CONSECUTIVE_SKIPS = 10  # a run that only produces non-finite losses has broken weights: stop it
+
 
 class LanguageModel(L.LightningModule):
     """What both models share: a DiT backbone, AdamW with warmup and cosine decay, float64 validation.
@@ -33,7 +38,8 @@ class LanguageModel(L.LightningModule):
     metric: str = "nelbo"  # what the logged loss is: a bound (nelbo) or the exact likelihood (nll)
 
     def _build(
-        self, vocab_size: int, size: str, lr: float, warmup_steps: int, decay_steps: int | None, **backbone
+        self, vocab_size: int, size: str, lr: float, warmup_steps: int, decay_steps: int | None,
+        on_nonfinite: str = "stop", **backbone
     ) -> None:
         if vocab_size < 2:
             raise UserError(
@@ -41,12 +47,16 @@ class LanguageModel(L.LightningModule):
             )
         if lr <= 0 or warmup_steps < 0 or (decay_steps is not None and decay_steps < 1):
             raise UserError("model.lr must be > 0, warmup_steps >= 0 and decay_steps >= 1 or null")
+        if on_nonfinite not in NONFINITE:
+            raise UserError(f"model.on_nonfinite must be stop or skip, got {on_nonfinite!r}")
         self.config = DiTConfig.from_name(size, vocab_size, **backbone)
         self.backbone = DiT(self.config, causal=self.causal)
         self.mask_id = self.config.mask_id
         self.val_nelbo_sum = SumMetric().set_dtype(torch.float64)
         self.val_tokens = SumMetric().set_dtype(torch.float64)
         self._t_last: float | None = None
+        self._rng_resume: dict | None = None
+        self._skips = 0  # consecutive steps skipped for a non-finite loss or gradient
 
     def forward(self, input_ids: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.backbone(input_ids, cond)
@@ -80,6 +90,57 @@ class LanguageModel(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mdlm_kit_model"] = self.kind
+        # rank 0's generators: seed_everything gives every rank the same ones, and they draw alike
+        checkpoint["rng_states"] = rng.global_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._rng_resume = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # restored here, not in on_load_checkpoint: Lightning builds the loop and the dataloaders in between
+        if self._rng_resume is not None:
+            rng.set_global_states(self._rng_resume)
+            self._rng_resume = None
+
+    def _nonfinite(self, what: str) -> None:
+        """A non-finite loss or gradient at this step: skip the step (``on_nonfinite: skip``) or stop the run."""
+        from mdlm_kit.callbacks import last_good_checkpoint
+
+        step = self.trainer.global_step
+        self._skips += 1
+        if self.hparams.on_nonfinite == "skip" and self._skips <= MAX_CONSECUTIVE_SKIPS:
+            if self.trainer.is_global_zero:
+                log.warning("non-finite %s at step %d: step skipped (model.on_nonfinite: skip)", what, step)
+            self.log("train/skipped_steps", float(self._skips), reduce_fx="max")
+            return
+        saved = last_good_checkpoint(self.trainer)
+        kept = f"the last good checkpoint is {saved[0]} (step {saved[1]})" if saved else "no checkpoint was written"
+        fix = ("lower model.lr or set trainer.gradient_clip_val, then resume with --ckpt_path last"
+               if self.hparams.on_nonfinite == "stop" else
+               f"{self._skips} steps in a row were non-finite, so the weights are broken: resume from it with a "
+               "lower model.lr")
+        raise UserError(f"non-finite {what} at step {step}; training stopped without saving; {kept}; {fix}"
+                        + ("; or set model.on_nonfinite: skip to skip such steps"
+                           if self.hparams.on_nonfinite == "stop" else ""))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # the loss may be finite while a gradient overflows, and one such step makes every weight NaN; under
+        # 16-bit mixed precision the gradient scaler already skips those steps (and lowers the scale)
+        if str(self.trainer.precision).startswith("16"):
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: each rank's shard
+        bad = (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float()
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if bad > 0:
+            self._nonfinite("gradient")
+            for p in self.parameters():  # AdamW leaves parameters without a gradient untouched
+                p.grad = None
+        else:
+            self._skips = 0
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -107,9 +168,15 @@ class LanguageModel(L.LightningModule):
         slot = torch.arange(bsz, device=self.device, dtype=torch.int64)
         return (n * world + rank) * bsz + slot
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         terms = self.loss_terms(batch["input_ids"], self._train_keys(batch), rng.STREAM_TRAIN, batch.get("valid"))
         loss = terms.per_token()
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.trainer.world_size > 1:  # every process must take the same branch, or DDP waits forever
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if bad > 0:
+            self._nonfinite(f"training loss ({loss.item()})")
+            return None  # Lightning skips backward and the optimizer step
         if batch.get("valid") is not None and self.trainer.world_size > 1:
             # padded blocks: ranks hold different numbers of real tokens; scale so that the gradient the
             # processes average is the gradient of the global per-token loss, as with one process
@@ -201,6 +268,8 @@ class MaskedDiffusionLM(LanguageModel):
         ce_kernel: the fused cross-entropy's row step: ``auto`` (Triton on CUDA), ``always``, ``never``.
         compile: ``torch.compile`` the backbone's blocks.
         fused_adamw: AdamW's fused implementation (None: on CUDA and CPU).
+        on_nonfinite: a non-finite loss or gradient ``stop``s the run with a message, keeping the last
+            good checkpoint, or ``skip``s the step (the run still stops after 10 in a row).
     """
 
     kind = "diffusion"
@@ -232,6 +301,7 @@ class MaskedDiffusionLM(LanguageModel):
         ce_kernel: str = "auto",
         compile: bool = False,
         fused_adamw: bool | None = None,
+        on_nonfinite: str = "stop",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -249,7 +319,7 @@ class MaskedDiffusionLM(LanguageModel):
             raise UserError("model.estimator=count needs a time-agnostic model in continuous time (num_steps: null)")
         self.estimator = estimator
         self._build(
-            vocab_size, size, lr, warmup_steps, decay_steps,
+            vocab_size, size, lr, warmup_steps, decay_steps, on_nonfinite,
             n_layers=n_layers, d_model=d_model, n_heads=n_heads, cond_dim=cond_dim, max_seq_len=max_seq_len,
             dropout=dropout, time_conditioning=time_conditioning, layout=layout,
         )
@@ -312,11 +382,12 @@ class AutoregressiveLM(LanguageModel):
         decay_steps: int | None = None,
         min_lr_ratio: float = 0.1,
         seed: int = 0,
+        on_nonfinite: str = "stop",
     ):
         super().__init__()
         self.save_hyperparameters()
         self._build(
-            vocab_size, size, lr, warmup_steps, decay_steps,
+            vocab_size, size, lr, warmup_steps, decay_steps, on_nonfinite,
             n_layers=n_layers, d_model=d_model, n_heads=n_heads, max_seq_len=max_seq_len, dropout=dropout,
         )
 

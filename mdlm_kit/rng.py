@@ -94,3 +94,32 @@ def combine(*parts: Tensor | int) -> Tensor:
         p = torch.as_tensor(p, dtype=torch.int64)
         acc = splitmix64(p) if acc is None else splitmix64(acc ^ splitmix64(p))
     return acc
+
+
+def global_states() -> dict:
+    """The process's global generators (Python, NumPy, torch CPU and CUDA): what dropout and any other
+    stateful randomness draw from, saved in checkpoints so a resumed run draws what it would have."""
+    import random
+
+    import numpy as np
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # tensors and plain numbers only, so the checkpoint still loads with torch.load(weights_only=True)
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    states = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_global_states(states: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(states["python"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"].cpu())
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])

@@ -1,8 +1,9 @@
-"""Small shared helpers: the cache directory and atomic writes."""
+"""Small shared helpers: the cache directory, atomic writes and their leftovers."""
 
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,29 +17,82 @@ def cache_dir() -> Path:
     return Path(base) / "mdlm-kit"
 
 
+def host_tag() -> str:
+    """This machine's name without dashes, for names of temporary files that encode ``host-pid``."""
+    return socket.gethostname().replace("-", "_") or "host"
+
+
+def process_gone(pid: int) -> bool:
+    """True if no process ``pid`` runs on this machine (one of another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's or a folder's entry to disk (a rename is durable once its folder is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{host_tag()}-{os.getpid()}-"
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None], durable: bool = False) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
 
-    Readers see the old file or the complete new one, never a partial write.
+    Readers see the old file or the complete new one, never a partial write, even if the process is
+    killed part-way (the temporary file is then left behind; ``remove_stale_temps`` clears it).
+    ``durable`` also syncs the file and its folder to disk, so the new file survives a power loss.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the permissions a plain open() would
     try:
         write(tmp)
+        if durable:
+            fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    if durable:
+        fsync_path(path.parent)
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Remove the temporary files of ``atomic_write(path)`` calls whose process died on this machine.
+
+    Those of live processes, and of other machines sharing the folder, are left alone.
+    """
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.{host_tag()}-*-*.tmp"):
+        try:
+            pid = int(tmp.name[len(f".{path.name}.{host_tag()}-"):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if process_gone(pid):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -64,24 +64,114 @@ def _record_batches_class():
     from lightning.pytorch.callbacks import Callback
 
     class RecordBatches(Callback):
-        """Appends one JSON line per training step (global step, rank, sample indices, loss) to ``path``."""
+        """Appends one JSON line per training step (global step, rank, sample indices, loss, the sum of the
+        weights after the step) to ``path``."""
 
         def __init__(self, path: str):
             self.path = path
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
             rec = {"step": trainer.global_step, "rank": trainer.global_rank, "epoch": trainer.current_epoch,
-                   "batch_idx": batch_idx, "index": batch["index"].tolist(), "loss": float(loss)}
+                   "batch_idx": batch_idx, "index": batch["index"].tolist(),
+                   "loss": None if loss is None else float(loss),
+                   "wsum": sum(float(p.detach().double().sum()) for p in pl_module.parameters())}
             with open(f"{self.path}.{trainer.global_rank}", "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
     return RecordBatches
 
 
-def __getattr__(name):  # the callback imports Lightning only when a CLI run asks for it
-    if name == "RecordBatches":
-        return _record_batches_class()
+def _kill_at_class():
+    import os
+    import signal
+
+    from lightning.pytorch.callbacks import Callback
+
+    class KillAt(Callback):
+        """SIGKILLs its own process once training reaches global step ``step``: nothing runs after it."""
+
+        def __init__(self, step: int):
+            self.step = step
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == self.step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return KillAt
+
+
+def _kill_during_save_class():
+    import io
+    import os
+    import signal
+
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    class KillDuringSave(Callback):
+        """At global step ``step``, the first checkpoint file written gets half its bytes, then the process
+        is SIGKILLed: a crash in the middle of a checkpoint write."""
+
+        def __init__(self, step: int):
+            self.step = step
+
+        def setup(self, trainer, pl_module, stage):
+            save = torch.save
+
+            def dying_save(obj, f, *args, **kwargs):
+                if trainer.global_step == self.step and isinstance(f, (str, os.PathLike)):
+                    buf = io.BytesIO()
+                    save(obj, buf, *args, **kwargs)
+                    with open(f, "wb") as fh:
+                        fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+                        fh.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return save(obj, f, *args, **kwargs)
+
+            torch.save = dying_save
+
+    return KillDuringSave
+
+
+def _poison_at_class():
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    class PoisonAt(Callback):
+        """Makes step ``step`` non-finite: ``where=loss`` puts a NaN into a weight of the first block for that step's forward
+        pass (restored after the step), ``where=grad`` an infinity into one gradient before the optimizer step."""
+
+        def __init__(self, step: int, where: str = "loss"):
+            self.step, self.where, self.saved = step, where, None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.where == "loss" and trainer.global_step == self.step:
+                w = pl_module.backbone.blocks[0].mlp.fc.weight
+                self.saved = w.detach().clone()
+                with torch.no_grad():
+                    w[0, 0] = float("nan")
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if self.where == "grad" and trainer.global_step == self.step:
+                pl_module.backbone.blocks[0].mlp.fc.weight.grad[0, 0] = float("inf")
+
+        def on_before_zero_grad(self, trainer, pl_module, optimizer):  # right after training_step
+            if self.saved is not None:
+                with torch.no_grad():
+                    pl_module.backbone.blocks[0].mlp.fc.weight.copy_(self.saved)
+                self.saved = None
+
+    return PoisonAt
+
+
+_CALLBACKS = {"RecordBatches": _record_batches_class, "KillAt": _kill_at_class,
+              "KillDuringSave": _kill_during_save_class, "PoisonAt": _poison_at_class}
+
+
+def __getattr__(name):  # the callbacks import Lightning only when a CLI run asks for them
+    if name in _CALLBACKS:
+        return _CALLBACKS[name]()
     raise AttributeError(name)
 
 
@@ -100,5 +190,5 @@ def read_records(path: Path, world_size: int = 1) -> list[dict]:
         parts = by_batch[key]
         out.append({"step": parts[0]["step"], "epoch": key[0], "batch_idx": key[1],
                     "index": [i for r in sorted(parts) for i in parts[r]["index"]],
-                    "loss": [parts[r]["loss"] for r in sorted(parts)]})
+                    "loss": [parts[r]["loss"] for r in sorted(parts)], "wsum": parts[0].get("wsum")})
     return out

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from mdlm_kit.errors import UserError
+from mdlm_kit.utils import fsync_path, host_tag, process_gone
 
 log = logging.getLogger(__name__)
 
@@ -141,31 +141,18 @@ class _ShardWriter:
         self.buf, self.n_buf = [], 0
 
 
-def _host() -> str:
-    return socket.gethostname().replace("-", "_") or "host"
-
-
 def _remove_stale(parent: Path, name: str) -> None:
     """Temporary folders left by preparations on this machine that died (their process is gone).
 
     Folders of other machines sharing the cache are left alone: their processes cannot be seen from here.
     """
-    for tmp in parent.glob(f".{name}.tmp-{_host()}-*"):
+    for tmp in parent.glob(f".{name}.tmp-{host_tag()}-*"):
         try:
             pid = int(tmp.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)
-        except (ValueError, ProcessLookupError):
+        except ValueError:
+            continue
+        if process_gone(pid):
             shutil.rmtree(tmp, ignore_errors=True)
-        except PermissionError:
-            pass
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _open_complete(folder: Path) -> TokenStream | None:
@@ -174,7 +161,7 @@ def _open_complete(folder: Path) -> TokenStream | None:
         return TokenStream(folder)
     except (OSError, ValueError, KeyError) as e:
         log.warning("token cache %s is unreadable (%s); rebuilding it", folder, e)
-        trash = folder.parent / f".{folder.name}.broken-{_host()}-{os.getpid()}"
+        trash = folder.parent / f".{folder.name}.broken-{host_tag()}-{os.getpid()}"
         try:
             os.replace(folder, trash)
             shutil.rmtree(trash, ignore_errors=True)
@@ -218,7 +205,7 @@ def build_split(
             return stream, BuildStats(0, 0, 0, 0.0, cached=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(folder.parent, folder.name)
-    tmp = folder.parent / f".{folder.name}.tmp-{_host()}-{os.getpid()}"
+    tmp = folder.parent / f".{folder.name}.tmp-{host_tag()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     t0 = time.perf_counter()
@@ -259,10 +246,10 @@ def build_split(
         }
         (tmp / "index.json").write_text(json.dumps(index, indent=1))
         for name in ("doc_ends.npy", "index.json", "."):  # on disk before the rename makes them visible
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
         try:
             os.replace(tmp, folder)  # the whole split appears at once, or not at all
-            _fsync(folder.parent)
+            fsync_path(folder.parent)
         except OSError:
             if not (folder / "index.json").exists():  # not another process that finished first
                 raise

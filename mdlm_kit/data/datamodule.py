@@ -476,6 +476,11 @@ class TextDataModule(L.LightningDataModule):
             self._resume = None
         return sampler
 
+    def _loader_generator(self) -> torch.Generator:
+        """A DataLoader draws its workers' base seed from this instead of the global generator, which would
+        make the dropout noise of a resumed run depend on when its loaders were created."""
+        return torch.Generator().manual_seed(self.seed)
+
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
         if h.streaming:
@@ -485,12 +490,14 @@ class TextDataModule(L.LightningDataModule):
             if self._resume is not None:  # the stream is one endless epoch: skip what it delivered
                 data.skip_batches = self._resume.get("epoch_batches", 0)
                 self._resume = None
-            return DataLoader(data, batch_size=h.batch_size, drop_last=True, num_workers=h.num_workers)
+            return DataLoader(data, batch_size=h.batch_size, drop_last=True, num_workers=h.num_workers,
+                              generator=self._loader_generator())
         return DataLoader(
             BlockDataset(self.blocks("train")),
             batch_sampler=self.train_batch_sampler(),
             num_workers=h.num_workers,
             persistent_workers=h.num_workers > 0,
+            generator=self._loader_generator(),
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -501,6 +508,7 @@ class TextDataModule(L.LightningDataModule):
             BlockDataset(blocks),
             batch_sampler=_ShardSampler(len(blocks), h.eval_batch_size or h.batch_size, world, rank),
             num_workers=h.num_workers,
+            generator=self._loader_generator(),
         )
 
     # ---- checkpoint state: the tokenizer and the data position travel with the checkpoint ----

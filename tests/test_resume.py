@@ -1,0 +1,167 @@
+"""Crash-safe training: a run killed with SIGKILL resumes with the losses of a run never killed; a checkpoint
+write killed part-way leaves the previous checkpoint intact; a non-finite loss stops the run (or skips the step)."""
+
+import re
+
+import pytest
+import torch
+
+from helpers import CONFIGS, ROOT, read_records, run_cli, write_corpus
+
+pytestmark = pytest.mark.slow
+
+END = 30  # optimizer steps of every run here; checkpoints every 5, validation every 10
+
+# dropout draws from the global generator (restored from the checkpoint), the learning rate warms up then decays
+# (scheduler state), EMA averages the weights (callback state), 8 batches per epoch (data position mid-epoch)
+CONFIG = """
+trainer:
+  max_steps: {end}
+  val_check_interval: 10
+  limit_val_batches: 2
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.EMAWeightAveraging
+      init_args: {{decay: 0.9}}
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{save_last: true, save_top_k: 1, every_n_train_steps: 5}}
+    - class_path: helpers.RecordBatches
+      init_args: {{path: {rec}}}
+model:
+  dropout: 0.1
+  warmup_steps: 5
+  decay_steps: 25
+data:
+  batch_size: 64
+"""
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, cache_root):
+    return write_corpus(tmp_path_factory.mktemp("resume") / "corpus")
+
+
+def _fit(tmp, name, corpus, *extra, rec=None, end=END):
+    cfg = tmp / f"{name}.yaml"
+    cfg.write_text(CONFIG.format(end=end, rec=rec or tmp / f"{name}.rec"))
+    return run_cli("fit", "--config", str(CONFIGS / "debug.yaml"), "--config", str(cfg), "--data.corpus", str(corpus),
+                   "--trainer.default_root_dir", str(tmp / name), *extra, timeout=300,
+                   env={"PYTHONPATH": str(ROOT / "tests")})
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory, corpus):
+    """The uninterrupted run's records, one per step."""
+    tmp = tmp_path_factory.mktemp("full")
+    proc = _fit(tmp, "full", corpus)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_records(tmp / "full.rec")
+    assert [r["step"] for r in records] == list(range(1, END + 1))
+    return records
+
+
+def _step(path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+def test_a_run_killed_with_sigkill_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path, corpus, full):
+    proc = _fit(tmp_path, "run", corpus, "--trainer.callbacks+=helpers.KillAt", "--trainer.callbacks.step", "17")
+    assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL: no handler, no cleanup ran
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert _step(last) == 15
+    killed = read_records(tmp_path / "run.rec")
+    assert killed == full[:17]  # the same run up to the kill
+
+    proc = _fit(tmp_path, "run", corpus, "--ckpt_path", "last", rec=tmp_path / "resumed.rec")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = read_records(tmp_path / "resumed.rec")
+    # steps 16 and 17 again, then on to the end: the same samples and bit-identical losses
+    assert resumed == full[15:]
+    assert _step(last) == END
+
+
+def test_resuming_without_the_generators_state_would_change_the_losses(tmp_path, corpus, full):
+    """The dropout noise of the resumed steps comes from the checkpoint's generator state: without it (the
+    state deleted from the checkpoint) the losses differ, so the test above would catch its loss."""
+    proc = _fit(tmp_path, "run", corpus, end=15)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 15 and "rng_states" in ckpt
+    del ckpt["rng_states"]
+    torch.save(ckpt, tmp_path / "no_rng.ckpt")
+    proc = _fit(tmp_path, "other", corpus, "--ckpt_path", str(tmp_path / "no_rng.ckpt"), end=17)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = read_records(tmp_path / "other.rec")
+    assert [r["index"] for r in resumed] == [r["index"] for r in full[15:17]]  # same data position
+    assert [r["loss"] for r in resumed] != [r["loss"] for r in full[15:17]]
+
+
+def test_a_checkpoint_write_killed_part_way_leaves_the_previous_checkpoint(tmp_path, corpus, full):
+    proc = _fit(tmp_path, "run", corpus, "--trainer.callbacks+=helpers.KillDuringSave",
+                "--trainer.callbacks.step", "10")
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    ckpts = tmp_path / "run" / "checkpoints"
+    # the killed write went to a temporary file: both checkpoints of step 5 are whole and loadable
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["epoch=0-step=5.ckpt", "last.ckpt"]
+    assert _step(ckpts / "last.ckpt") == 5 and _step(ckpts / "epoch=0-step=5.ckpt") == 5
+    partial = list(ckpts.glob(".*.tmp"))
+    assert len(partial) == 1 and partial[0].stat().st_size > 0  # the half-written file, out of the way
+    with pytest.raises(Exception):
+        torch.load(partial[0], map_location="cpu", weights_only=False)
+
+    from mdlm_kit.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(ckpts / "last.ckpt")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    proc = _fit(tmp_path, "run", corpus, "--ckpt_path", "last", rec=tmp_path / "resumed.rec")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_records(tmp_path / "resumed.rec") == full[5:]  # resumed from step 5, as if never killed
+    assert not list(ckpts.glob(".*.tmp"))  # the dead process's temporary file was cleared
+
+
+def test_a_run_ending_between_checkpoints_saves_its_last_step(tmp_path, corpus, full):
+    """max_steps 23 with a checkpoint every 5 steps: last.ckpt holds step 23, and resuming it continues exactly."""
+    proc = _fit(tmp_path, "run", corpus, end=23)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert _step(last) == 23
+    proc = _fit(tmp_path, "run", corpus, "--ckpt_path", "last", rec=tmp_path / "rest.rec")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_records(tmp_path / "run.rec") + read_records(tmp_path / "rest.rec") == full
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
+    proc = _fit(tmp_path, "run", corpus, "--trainer.callbacks+=helpers.PoisonAt", "--trainer.callbacks.step", "12")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr
+    msg = lines[-1]
+    assert msg.startswith("mdlm-kit: error: non-finite training loss (nan) at step 12"), msg
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert f"{ckpts / 'last.ckpt'} (step 10)" in msg and "model.on_nonfinite: skip" in msg
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["epoch=1-step=10.ckpt", "last.ckpt"]
+    assert _step(ckpts / "last.ckpt") == 10
+    state = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_on_nonfinite_skip_skips_the_step_and_trains_on(tmp_path, corpus, full, where):
+    proc = _fit(tmp_path, "run", corpus, "--model.on_nonfinite", "skip", "--trainer.callbacks+=helpers.PoisonAt",
+                "--trainer.callbacks.step", "12", "--trainer.callbacks.where", where, end=15)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"non-finite (training loss \(nan\)|gradient) at step 12: step skipped", proc.stderr)
+    rec = read_records(tmp_path / "run.rec")
+    assert rec[:12] == full[:12]
+    assert rec[12]["index"] == full[12]["index"]
+    if where == "loss":
+        assert rec[12]["loss"] == [None]  # no loss, no backward
+    assert rec[12]["wsum"] == rec[11]["wsum"] != full[12]["wsum"]  # no update: the weights stayed as they were
+    assert rec[13]["wsum"] != rec[12]["wsum"]  # and training went on
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
+    metrics = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "train/skipped_steps" in metrics.splitlines()[0]
