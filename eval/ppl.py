@@ -160,9 +160,11 @@ def perplexity(
         raise UserError(f"--estimator: unknown estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
     if max_sequences is not None and max_sequences < 2:
         raise UserError(f"--max_sequences must be >= 2 (a standard error needs two sequences), got {max_sequences}")
-    plot_path = Path(plot) if plot else None
-    if plot_path is not None and not plot_path.parent.is_dir():
-        raise UserError(f"--plot: folder {plot_path.parent} does not exist; create it or pick another path")
+    plot_path = Path(plot).expanduser() if plot else None
+    if plot_path is not None:
+        from mdlm_kit.utils import check_writable_folder
+
+        check_writable_folder(plot_path.parent, f"--plot {plot}")
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

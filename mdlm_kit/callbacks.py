@@ -97,3 +97,57 @@ def last_good_checkpoint(trainer: L.Trainer) -> tuple[str, int] | None:
                 path = cb.last_model_path or cb._last_checkpoint_saved
                 best = (path, cb._last_global_step_saved)
     return best
+
+
+def resolve_last(dirpaths: list[str]) -> Path | None:
+    """The checkpoint ``--ckpt_path last`` resumes: the newest ``last*.ckpt`` in the checkpoint folders, as
+    Lightning picks it (None if there is none; Lightning then starts afresh)."""
+    found = [p for d in dirpaths if Path(d).is_dir() for p in Path(d).glob("last*.ckpt")]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def unreadable_checkpoint(path: str | Path, e: Exception) -> Exception:
+    from mdlm_kit.errors import UserError
+
+    reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+    return UserError(f"--ckpt_path {path} is truncated or corrupt ({reason}); resume from another checkpoint "
+                     "(the step checkpoints beside it) or start afresh without --ckpt_path")
+
+
+def check_resume(path: str | Path, model: L.LightningModule) -> None:
+    """Fail with one line, before anything is written, if training cannot resume from ``path``.
+
+    Reads the checkpoint memory-mapped (cheap for any size): a missing, truncated or corrupt file, one
+    written with weights only, or one of another model (another vocabulary, size or kind) is refused.
+    """
+    from mdlm_kit.errors import UserError
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"--ckpt_path {path}: no such checkpoint; give a .ckpt file, or 'last' to resume from the "
+                        "newest last.ckpt of trainer.default_root_dir")
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise unreadable_checkpoint(path, e) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UserError(f"--ckpt_path {path} is not a Lightning training checkpoint (no state_dict)")
+    if "optimizer_states" not in ckpt or "loops" not in ckpt:
+        raise UserError(f"--ckpt_path {path} holds weights only (no optimizer or loop state) and cannot resume "
+                        "training; use it with generate or ppl")
+    kind = ckpt.get("mdlm_kit_model")
+    if kind is not None and kind != getattr(model, "kind", kind):
+        raise UserError(f"--ckpt_path {path} holds a {kind} model; this run trains a {model.kind} model "
+                        "(set model.class_path as in the run that wrote it)")
+    ours = model.state_dict()
+    theirs = ckpt["state_dict"]
+    embed = "backbone.embed.weight"
+    if embed in ours and embed in theirs and ours[embed].shape[0] != theirs[embed].shape[0]:
+        raise UserError(f"--ckpt_path {path} was trained with a vocabulary of {theirs[embed].shape[0]} ids (with "
+                        f"the mask), this run's data gives {ours[embed].shape[0]}: resume with the corpus and "
+                        "tokenizer of the run that wrote it")
+    for name, value in ours.items():
+        if name not in theirs or tuple(theirs[name].shape) != tuple(value.shape):
+            have = "missing" if name not in theirs else f"shape {tuple(theirs[name].shape)}"
+            raise UserError(f"--ckpt_path {path} holds another model ({name}: {have} in the checkpoint, "
+                            f"{tuple(value.shape)} here): resume with the model settings of the run that wrote it")

@@ -57,9 +57,23 @@ def _quiet_lightning() -> None:
         def filter(self, record: logging.LogRecord) -> bool:
             return "Tip:" not in str(record.msg)
 
+    class _NoSeedLine(logging.Filter):  # the seed is in the run's config.yaml
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("Seed set to")
+
+    class _NoIdleDevices(logging.Filter):  # "TPU available: False": only a device in use is worth a line
+        def filter(self, record: logging.LogRecord) -> bool:
+            msg = str(record.msg)
+            return not (" available: " in msg and msg.split(" available: ")[1].startswith("False"))
+
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch"):
         logging.getLogger(name).addFilter(_NoTips())
+        logging.getLogger(name).addFilter(_NoIdleDevices())
+    for name in ("lightning.fabric.utilities.seed", "lightning.pytorch.utilities.seed"):
+        logging.getLogger(name).addFilter(_NoSeedLine())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # every model defines configure_model (for FSDP2), and EMA with FSDP2 is refused with its own message
+    warnings.filterwarnings("ignore", message=r".*WeightAveraging callback with a model that overrides the configure_m")
 
 
 def _lightning_cli(argv: list[str] | None) -> None:
@@ -68,9 +82,16 @@ def _lightning_cli(argv: list[str] | None) -> None:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    from mdlm_kit.callbacks import AtomicCheckpointIO, FinalCheckpoint
+    from mdlm_kit.callbacks import (
+        AtomicCheckpointIO,
+        FinalCheckpoint,
+        check_resume,
+        resolve_last,
+        unreadable_checkpoint,
+    )
     from mdlm_kit.data import TextDataModule
     from mdlm_kit.lightning import LanguageModel
+    from mdlm_kit.utils import check_writable_folder
 
     class MdlmCLI(LightningCLI):
         @staticmethod
@@ -103,11 +124,36 @@ def _lightning_cli(argv: list[str] | None) -> None:
                 tb = TensorBoardLogger(str(root), name="tensorboard", default_hp_metric=False)
                 trainer.loggers = [CSVLogger(str(root), name="csv"), tb]
 
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI reads the hyperparameters of --ckpt_path while parsing: a broken file must not
+            # surface as a traceback from there
+            try:
+                super()._parse_ckpt_path()
+            except (UserError, SystemExit):
+                raise
+            except Exception as e:
+                raise unreadable_checkpoint(self.config[self.config.subcommand].get("ckpt_path"), e) from None
+
+        def _preflight(self) -> None:
+            """Refuse, before anything is written, what would fail later: an unwritable output folder, data
+            that does not fit the model, a checkpoint to resume that is missing, broken or of another model."""
+            cfg = self.config[self.subcommand]
+            check_writable_folder(self.trainer.default_root_dir, "trainer.default_root_dir", create=True)
+            self.model.check_data(self.datamodule)
+            ckpt = cfg.get("ckpt_path")
+            if ckpt == "last":
+                dirs = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+                ckpt = resolve_last(dirs)  # none yet: Lightning starts afresh (a requeued job's first run)
+            if ckpt is not None and ckpt not in ("best", "hpc", "registry"):
+                check_resume(ckpt, self.model)
+
         def before_fit(self) -> None:
             self._place_outputs()
+            self._preflight()
 
         def before_validate(self) -> None:
             self._place_outputs()
+            self._preflight()
 
     _quiet_lightning()
     MdlmCLI(

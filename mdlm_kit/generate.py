@@ -9,7 +9,7 @@ import torch
 
 from mdlm_kit.errors import UserError
 from mdlm_kit.sampling import SamplerOptions, SamplingContext, get_sampler
-from mdlm_kit.utils import atomic_write_text
+from mdlm_kit.utils import atomic_write_text, check_writable_folder
 
 
 def generate_samples(model, tokenizer, sampler: str = "fhs", num_samples: int = 4, length: int = 128,
@@ -89,8 +89,8 @@ def generate(checkpoint: str, sampler: str = "fhs", num_samples: int = 4, length
     get_sampler(sampler)  # fail on a bad name before loading anything
     SamplerOptions(steps=steps, temperature=temperature, top_p=top_p, precision=precision,
                    tokens_per_step=tokens_per_step, block_length=block_length, inner=inner)
-    if output is not None and not Path(output).expanduser().parent.is_dir():
-        raise UserError(f"--output {output}: the folder {Path(output).parent} does not exist")
+    if output is not None:
+        check_writable_folder(Path(output).expanduser().parent, f"--output {output}")
     from mdlm_kit.checkpoint import load_checkpoint
 
     model, dm = load_checkpoint(checkpoint, kind="diffusion")

