@@ -285,6 +285,12 @@ def main(argv: list[str] | None = None) -> None:
         _fail(_one_line(str(e)))
     except KeyboardInterrupt:
         _fail("interrupted")
+    except SystemExit as e:
+        if type(e).__name__ != "SIGTERMException":  # Lightning's, raised after the step a SIGTERM arrived in
+            raise
+        print("mdlm-kit: stopped by SIGTERM; last.ckpt holds the last step: resume with --ckpt_path last",
+              file=sys.stderr)
+        sys.exit(128 + 15)
     except Exception as e:
         # jsonargparse wraps errors raised while instantiating a subclass-mode model: find ours
         cause = _user_error_in_chain(e)

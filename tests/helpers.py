@@ -89,14 +89,15 @@ def _kill_at_class():
     from lightning.pytorch.callbacks import Callback
 
     class KillAt(Callback):
-        """SIGKILLs its own process once training reaches global step ``step``: nothing runs after it."""
+        """Sends its own process ``signum`` (SIGKILL: nothing runs after it) once training reaches global step
+        ``step``."""
 
-        def __init__(self, step: int):
-            self.step = step
+        def __init__(self, step: int, signum: int = int(signal.SIGKILL)):
+            self.step, self.signum = step, signum
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == self.step:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), self.signum)
 
     return KillAt
 

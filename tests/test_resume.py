@@ -81,6 +81,19 @@ def test_a_run_killed_with_sigkill_resumes_with_the_losses_of_an_uninterrupted_r
     assert _step(last) == END
 
 
+def test_sigterm_saves_the_current_step_and_the_run_resumes_from_it(tmp_path, corpus, full):
+    """A cluster's SIGTERM (preemption, a time limit) at step 12: last.ckpt holds step 12, the exit status says
+    so (128 + 15), and resuming continues exactly."""
+    proc = _fit(tmp_path, "run", corpus, "--trainer.callbacks+=helpers.KillAt", "--trainer.callbacks.step", "12",
+                "--trainer.callbacks.signum", "15")
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("mdlm-kit: stopped by SIGTERM")
+    assert _step(tmp_path / "run" / "checkpoints" / "last.ckpt") == 12
+    proc = _fit(tmp_path, "run", corpus, "--ckpt_path", "last", rec=tmp_path / "rest.rec")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_records(tmp_path / "run.rec")[:12] + read_records(tmp_path / "rest.rec") == full
+
+
 def test_resuming_without_the_generators_state_would_change_the_losses(tmp_path, corpus, full):
     """The dropout noise of the resumed steps comes from the checkpoint's generator state: without it (the
     state deleted from the checkpoint) the losses differ, so the test above would catch its loss."""
