@@ -27,13 +27,21 @@ def _model_class(ckpt: dict):
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu", kind: str | None = None):
-    """(model in eval mode, TextDataModule with the checkpoint's tokenizer) from a ``.ckpt`` file, or from a
-    folder written by ``mdlm-kit export`` (``mdlm_kit.hf.load_export``).
+    """(model in eval mode, TextDataModule with the checkpoint's tokenizer) from a ``.ckpt`` file, a folder
+    written by ``mdlm-kit export`` (``mdlm_kit.hf.load_export``), or a checkpoint of the MDLM reference
+    code (``mdlm_kit.models.mdlm_import``).
 
     The model is a ``MaskedDiffusionLM`` or an ``AutoregressiveLM``, whichever wrote the checkpoint;
     ``kind`` (``diffusion`` or ``autoregressive``) makes any other kind an error.
     """
     path = Path(path)
+    from mdlm_kit.models.mdlm_import import is_mdlm_checkpoint, load_mdlm_checkpoint
+
+    if is_mdlm_checkpoint(path):  # the MDLM reference code's .ckpt, state dict or Hugging Face folder
+        if kind == "autoregressive":
+            raise UserError(f"{path} is an MDLM (masked diffusion) checkpoint; this command needs an "
+                            "autoregressive model")
+        return load_mdlm_checkpoint(path, map_location=map_location)
     if path.is_dir():  # a Hugging Face export: every command that takes --checkpoint takes one
         from mdlm_kit.hf import load_export
 
