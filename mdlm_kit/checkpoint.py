@@ -47,11 +47,13 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", kind: str | Non
 
         return load_export(path, map_location, kind)
     if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
+        raise UserError(f"checkpoint not found: {path}; give a .ckpt file (DIR/checkpoints/last.ckpt) or an "
+                        "mdlm-kit export folder")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or corrupt")
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or corrupt: "
+                        "use another one (the step checkpoints beside it)") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise UserError(f"{path} is not an mdlm-kit checkpoint (no state_dict/hyper_parameters)")
     from mdlm_kit.data import TextDataModule

@@ -140,6 +140,7 @@ def _lightning_cli(argv: list[str] | None) -> None:
             cfg = self.config[self.subcommand]
             check_writable_folder(self.trainer.default_root_dir, "trainer.default_root_dir", create=True)
             self.model.check_data(self.datamodule)
+            self.model.load_init_weights()
             ckpt = cfg.get("ckpt_path")
             if ckpt == "last":
                 dirs = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]

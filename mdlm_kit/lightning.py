@@ -144,6 +144,33 @@ class LanguageModel(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.check_data(getattr(self.trainer, "datamodule", None) if self._trainer is not None else None)
+        self.load_init_weights()
+
+    def load_init_weights(self) -> None:
+        """Start from the weights of ``init_from`` (an mdlm-kit ``.ckpt``, an ``mdlm-kit export`` folder or an
+        MDLM reference checkpoint): fine-tuning, or ``validate`` on an exported model. Once; a resumed run's
+        checkpoint (``--ckpt_path``) is restored after this and wins."""
+        path = self.hparams.get("init_from")
+        if not path or getattr(self, "_init_loaded", False):
+            return
+        from mdlm_kit.checkpoint import load_checkpoint
+
+        source, source_dm = load_checkpoint(path, kind=self.kind)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and getattr(dm, "tokenizer", None) is not None:
+            same = (source_dm.tokenizer.fingerprint() == dm.tokenizer.fingerprint() if source_dm.tokenizer is not None
+                    else source_dm.hparams.tokenizer == dm.hparams.tokenizer)
+            if not same:
+                raise UserError(f"model.init_from {path} was trained with another tokenizer than this run's data "
+                                f"({source_dm.hparams.tokenizer!r} on its corpus); set data.tokenizer and "
+                                "data.corpus as in the run that made it")
+        theirs, ours = source.config.to_dict(), self.config.to_dict()
+        differ = [f"{k}={theirs[k]!r} (here {ours[k]!r})" for k in ours if k != "dropout" and theirs.get(k) != ours[k]]
+        if differ:
+            raise UserError(f"model.init_from {path} holds another architecture: {', '.join(differ)}; set these "
+                            "model options (model.size, n_layers, d_model, ..., layout) to match it")
+        self.backbone.load_state_dict(source.backbone.state_dict())
+        self._init_loaded = True
 
     def check_data(self, dm) -> None:
         """The data module's blocks fit this model: sequence length and vocabulary (a UserError if not)."""
@@ -273,6 +300,8 @@ class MaskedDiffusionLM(LanguageModel):
         fused_adamw: AdamW's fused implementation (None: on CUDA and CPU).
         on_nonfinite: a non-finite loss or gradient ``stop``s the run with a message, keeping the last
             good checkpoint, or ``skip``s the step (the run still stops after 10 in a row).
+        init_from: start from these weights: an mdlm-kit ``.ckpt``, an ``mdlm-kit export`` folder or an MDLM
+            reference checkpoint, of the same architecture (fine-tuning; ``validate`` on an export).
     """
 
     kind = "diffusion"
@@ -305,6 +334,7 @@ class MaskedDiffusionLM(LanguageModel):
         compile: bool = False,
         fused_adamw: bool | None = None,
         on_nonfinite: str = "stop",
+        init_from: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -363,6 +393,7 @@ class AutoregressiveLM(LanguageModel):
         decay_steps: cosine decay to ``min_lr_ratio * lr`` over this many steps after warmup (None: constant).
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         seed: kept for symmetry with the diffusion model (the loss uses no noise).
+        on_nonfinite, init_from: as for ``MaskedDiffusionLM``.
     """
 
     kind = "autoregressive"
@@ -386,6 +417,7 @@ class AutoregressiveLM(LanguageModel):
         min_lr_ratio: float = 0.1,
         seed: int = 0,
         on_nonfinite: str = "stop",
+        init_from: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()

@@ -383,3 +383,34 @@ def test_save_and_load_are_exact_for_every_layout(layout, conditioned, tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(ids, cond=cond).logits, model(ids, cond=cond).logits)
     assert loaded.config.dit() == dit
+
+
+def _val_nelbo(root: Path) -> float:
+    import csv
+
+    rows = list(csv.DictReader(open(root / "csv" / "version_0" / "metrics.csv")))
+    return float(next(r["val/nelbo"] for r in rows if r.get("val/nelbo")))
+
+
+def test_validate_and_fine_tuning_start_from_an_export(trained, exports, tmp_path, capsys):
+    """``model.init_from`` takes an export into ``validate`` and ``fit``: validation of the export equals validation of
+    the checkpoint (both hold the EMA weights), and a fine-tuning run starts from its weights."""
+    base = ["--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(trained.parent / "corpus"),
+            "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false"]
+    code, _, err = _cli(capsys, "validate", *base, "--trainer.default_root_dir", str(tmp_path / "a"),
+                        "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"))
+    assert code == 0, err[-2000:]
+    code, _, err = _cli(capsys, "validate", *base, "--trainer.default_root_dir", str(tmp_path / "b"),
+                        "--model.init_from", str(exports["agnostic"]))
+    assert code == 0, err[-2000:]
+    assert _val_nelbo(tmp_path / "a") == _val_nelbo(tmp_path / "b")
+    assert _val_nelbo(tmp_path / "b") < 3.0  # a trained model (2.6), not a fresh one (uniform: ln 29 = 3.4)
+
+    # one step at a learning rate of 1e-9 (warmup makes it 1e-10): the trained weights are those of the export
+    code, _, err = _cli(capsys, "fit", *base, "--trainer.default_root_dir", str(tmp_path / "c"), "--trainer.max_steps",
+                        "1", "--model.lr", "1e-9", "--model.init_from", str(exports["agnostic"]))
+    assert code == 0, err[-2000:]
+    tuned = torch.load(tmp_path / "c" / "checkpoints" / "last.ckpt", weights_only=False)["current_model_state"]
+    source, _ = hf.load_export(exports["agnostic"])
+    for k, v in source.state_dict().items():
+        torch.testing.assert_close(tuned[k], v, atol=1e-6, rtol=0)
