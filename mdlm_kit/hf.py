@@ -45,6 +45,7 @@ from transformers.utils import logging as hf_logging
 from mdlm_kit.errors import UserError
 from mdlm_kit.models import DiT, DiTConfig
 from mdlm_kit.models.dit import Rotary
+from mdlm_kit.utils import current_umask
 
 MODEL_TYPE = "mdlm_kit"
 MASK_TOKEN = "<|mdlm_mask|>"
@@ -396,7 +397,7 @@ def export(checkpoint: str, out: str, ema: bool = True, overwrite: bool = False)
             raise RuntimeError(f"save_pretrained wrote no safetensors weights (files: {files})")
         # mkdtemp's folder and the weights written through a temporary file are private (0700/0600): make the
         # export an ordinary folder, readable as the user's umask says
-        umask = _umask()
+        umask = current_umask()
         os.chmod(tmp, 0o777 & ~umask)
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~umask)
@@ -418,12 +419,6 @@ def export(checkpoint: str, out: str, ema: bool = True, overwrite: bool = False)
     if tokenizer_note:
         summary["note"] = tokenizer_note
     return summary
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ---- import ----

@@ -42,7 +42,7 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -63,7 +63,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None], durable: bool =
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the permissions a plain open() would
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the permissions a plain open() would
     try:
         write(tmp)
         if durable:
