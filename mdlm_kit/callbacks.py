@@ -13,6 +13,8 @@ run with the same per-step losses an uninterrupted run has.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mdlm_kit.utils import atomic_write, remove_stale_temps
 
@@ -53,23 +56,66 @@ class FinalCheckpoint(Checkpoint):
     Lightning's ``ModelCheckpoint`` saves every N steps (or at validation), so a run ending between two
     saves (``max_steps`` not a multiple of N, ``max_time``) would lose its last steps, and a cluster's
     SIGTERM (preemption, the end of a time limit) everything since the last save. This saves the last
-    checkpoint of every ``ModelCheckpoint(save_last=True)`` at the end of the step that ends the run, the
-    point ``ModelCheckpoint`` itself saves at, so resuming from it continues exactly (a save in
-    ``on_train_end`` would record the interrupted epoch as complete). As a ``Checkpoint`` it runs after
-    the other callbacks (EMA has averaged this step; a timer has asked to stop).
+    checkpoint of every ``ModelCheckpoint(save_last=True)`` at the end of the optimizer step that ends the
+    run, the point ``ModelCheckpoint`` itself saves at, so resuming from it continues exactly (a save in
+    ``on_train_end`` would record the interrupted epoch as complete). As a ``Checkpoint`` it runs after the
+    other callbacks (EMA has averaged this step; a timer has asked to stop).
+
+    - Gradient accumulation: a stop asked for in the middle of an accumulation window waits for the window's
+      optimizer step (the gradients accumulated so far are in no checkpoint).
+    - SIGTERM: during training this replaces Lightning's handler, which stops mid-validation or mid-window
+      and, with several processes, broadcasts from inside the signal handler (a collective mismatch). The
+      signal is only noted; the processes agree on it at the next optimizer step's end, save, and stop with
+      Lightning's ``SIGTERMException`` (``mdlm-kit fit`` exits with status 143).
+    - A save at the step that ends the run must not stop ``ModelCheckpoint`` from saving at that step's
+      validation (it skips steps already saved): its validation-end save is run again after ours.
     """
+
+    def __init__(self) -> None:
+        self._sigterm = False
+        self._held_stop = False
+        self._previous_handler = None
+        self._saved_before_validation: list[tuple[ModelCheckpoint, int]] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._note_sigterm)
+
+    def _note_sigterm(self, signum, frame) -> None:
+        self._sigterm = True
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         loop = trainer.fit_loop
-        ending = (
-            (loop.max_steps != -1 and trainer.global_step >= loop.max_steps)
-            or trainer.should_stop
-            or trainer.received_sigterm  # Lightning raises SIGTERMException once this step is done
-        )
-        if trainer.world_size > 1:  # a signal may reach the processes at different steps; all must save
-            ending = trainer.strategy.reduce_boolean_decision(bool(ending), all=False)
-        if ending:
-            self._save(trainer)
+        max_steps = loop.max_steps != -1 and trainer.global_step >= loop.max_steps
+        flags = [float(max_steps or trainer.should_stop or self._held_stop), float(self._sigterm)]
+        if trainer.world_size > 1:  # a signal reaches the processes at different times: all must agree
+            flags = trainer.strategy.reduce(torch.tensor(flags, device=pl_module.device), reduce_op="sum").tolist()
+        stopping, sigterm = flags[0] > 0, flags[1] > 0
+        if not (stopping or sigterm):
+            return
+        if loop.epoch_loop._should_accumulate():  # mid-window: finish the window first
+            if trainer.should_stop:
+                trainer.should_stop, self._held_stop = False, True
+            return
+        if self._held_stop:
+            trainer.should_stop, self._held_stop = True, False
+        self._save(trainer)
+        if sigterm and not max_steps:
+            raise SIGTERMException()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for cb, step in self._saved_before_validation:
+            if step == trainer.global_step and cb._last_global_step_saved == step:
+                cb._last_global_step_saved = -1  # as if this step were not saved: its own logic decides
+                cb.on_validation_end(trainer, pl_module)
+                if cb._last_global_step_saved == -1:
+                    cb._last_global_step_saved = step
+        self._saved_before_validation = []
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loop = trainer.fit_loop
@@ -77,13 +123,13 @@ class FinalCheckpoint(Checkpoint):
                                    and loop.epoch_progress.current.processed >= loop.max_epochs):
             self._save(trainer)
 
-    @staticmethod
-    def _save(trainer: L.Trainer) -> None:
+    def _save(self, trainer: L.Trainer) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
         for cb in _checkpoint_callbacks(trainer):
             if cb._last_global_step_saved != trainer.global_step or not cb.last_model_path:
                 cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
+                self._saved_before_validation.append((cb, trainer.global_step))
                 if trainer.is_global_zero:
                     log.info("saved %s at step %d", cb.last_model_path, trainer.global_step)
 
@@ -109,30 +155,43 @@ def resolve_last(dirpaths: list[str]) -> Path | None:
 def unreadable_checkpoint(path: str | Path, e: Exception) -> Exception:
     from mdlm_kit.errors import UserError
 
-    reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+    reason = str(e).strip().splitlines()[0].split(". ")[0][:120] if str(e).strip() else type(e).__name__
     return UserError(f"--ckpt_path {path} is truncated or corrupt ({reason}); resume from another checkpoint "
                      "(the step checkpoints beside it) or start afresh without --ckpt_path")
 
 
-def check_resume(path: str | Path, model: L.LightningModule) -> None:
-    """Fail with one line, before anything is written, if training cannot resume from ``path``.
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint as Lightning reads it (``weights_only``), memory-mapped where the file system allows (cheap
+    for any size); a UserError if it is truncated or corrupt."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:
+        pass  # some file systems cannot map files: read it whole before calling it broken
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise unreadable_checkpoint(path, e) from None
 
-    Reads the checkpoint memory-mapped (cheap for any size): a missing, truncated or corrupt file, one
-    written with weights only, or one of another model (another vocabulary, size or kind) is refused.
+
+def check_resume(path: str | Path, model: L.LightningModule, training: bool = True) -> None:
+    """Fail with one line, before anything is written, if a run cannot start from ``path``.
+
+    A missing, truncated or corrupt file, one of another model (another vocabulary, size or kind) is
+    refused, and for training (``fit``) one written with weights only. A sharded checkpoint (a folder,
+    FSDP2's distributed format) is left to Lightning.
     """
     from mdlm_kit.errors import UserError
 
     path = Path(path).expanduser()
+    if path.is_dir() and ((path / ".metadata").is_file() or (path / "meta.pt").is_file()):
+        return
     if not path.is_file():
         raise UserError(f"--ckpt_path {path}: no such checkpoint; give a .ckpt file, or 'last' to resume from the "
                         "newest last.ckpt of trainer.default_root_dir")
-    try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:
-        raise unreadable_checkpoint(path, e) from None
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UserError(f"--ckpt_path {path} is not a Lightning training checkpoint (no state_dict)")
-    if "optimizer_states" not in ckpt or "loops" not in ckpt:
+    if training and ("optimizer_states" not in ckpt or "loops" not in ckpt):
         raise UserError(f"--ckpt_path {path} holds weights only (no optimizer or loop state) and cannot resume "
                         "training; use it with generate or ppl")
     kind = ckpt.get("mdlm_kit_model")

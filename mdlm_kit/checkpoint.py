@@ -10,7 +10,7 @@ import torch
 from mdlm_kit.errors import UserError
 
 
-def _known_kwargs(cls, kwargs: dict) -> dict:
+def known_kwargs(cls, kwargs: dict) -> dict:
     params = inspect.signature(cls.__init__).parameters
     return {k: v for k, v in kwargs.items() if k in params}
 
@@ -62,7 +62,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", kind: str | Non
     if kind is not None and cls.kind != kind:
         need = {"diffusion": "a masked diffusion model", "autoregressive": "an autoregressive model"}[kind]
         raise UserError(f"{path} holds the {cls.kind} model {cls.__name__}; this command needs {need}")
-    model = cls(**_known_kwargs(cls, ckpt["hyper_parameters"]))
+    model = cls(**known_kwargs(cls, ckpt["hyper_parameters"]))
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
@@ -71,7 +71,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", kind: str | Non
     dm_hparams = dict(ckpt.get("datamodule_hyper_parameters", {}))
     if "separators" in dm_hparams and "packing" not in dm_hparams:  # checkpoints from before data.packing
         dm_hparams["packing"] = "stream" if dm_hparams.pop("separators") else "concat"
-    dm_kwargs = _known_kwargs(TextDataModule, dm_hparams)
+    dm_kwargs = known_kwargs(TextDataModule, dm_hparams)
     dm = TextDataModule(**dm_kwargs)
     state = ckpt.get(TextDataModule.__qualname__)
     if state is not None:

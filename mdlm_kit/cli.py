@@ -77,6 +77,9 @@ def _quiet_lightning() -> None:
 
 
 def _lightning_cli(argv: list[str] | None) -> None:
+    import logging
+
+    from jsonargparse import ArgumentError
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -86,11 +89,12 @@ def _lightning_cli(argv: list[str] | None) -> None:
         AtomicCheckpointIO,
         FinalCheckpoint,
         check_resume,
+        read_checkpoint,
         resolve_last,
-        unreadable_checkpoint,
     )
+    from mdlm_kit.checkpoint import known_kwargs
     from mdlm_kit.data import TextDataModule
-    from mdlm_kit.lightning import LanguageModel
+    from mdlm_kit.lightning import MODELS, LanguageModel
     from mdlm_kit.utils import check_writable_folder
 
     class MdlmCLI(LightningCLI):
@@ -125,14 +129,33 @@ def _lightning_cli(argv: list[str] | None) -> None:
                 trainer.loggers = [CSVLogger(str(root), name="csv"), tb]
 
         def _parse_ckpt_path(self) -> None:
-            # LightningCLI reads the hyperparameters of --ckpt_path while parsing: a broken file must not
-            # surface as a traceback from there
+            """LightningCLI's: the model settings of ``--ckpt_path`` override the config's. Here a broken file
+            is one line, not a traceback, and settings this version does not know (a checkpoint of another
+            version) are dropped with a warning rather than failing the constructor."""
+            subcommand = self.config.get("subcommand")
+            path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if not path or not Path(path).is_file():
+                return
+            hparams = dict(read_checkpoint(path).get("hyper_parameters") or {})
+            hparams.pop("_instantiator", None)
+            if not hparams:
+                return
+            class_path = hparams.pop("_class_path", None)
+            if class_path:
+                cls = next((c for c in MODELS.values() if class_path.endswith("." + c.__name__)), None)
+                if cls is not None:
+                    unknown = sorted(set(hparams) - set(known_kwargs(cls, hparams)))
+                    if unknown:
+                        logging.getLogger("mdlm_kit").warning(
+                            "--ckpt_path %s: ignoring model settings this version does not know: %s",
+                            path, ", ".join(unknown))
+                        hparams = known_kwargs(cls, hparams)
+                hparams = {"class_path": class_path, "dict_kwargs": hparams}
             try:
-                super()._parse_ckpt_path()
-            except (UserError, SystemExit):
-                raise
-            except Exception as e:
-                raise unreadable_checkpoint(self.config[self.config.subcommand].get("ckpt_path"), e) from None
+                self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+            except (ArgumentError, SystemExit) as e:
+                raise UserError(f"--ckpt_path {path}: its model settings do not fit this version "
+                                f"({_one_line(str(e))})") from None
 
         def _preflight(self) -> None:
             """Refuse, before anything is written, what would fail later: an unwritable output folder, data
@@ -146,7 +169,7 @@ def _lightning_cli(argv: list[str] | None) -> None:
                 dirs = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
                 ckpt = resolve_last(dirs)  # none yet: Lightning starts afresh (a requeued job's first run)
             if ckpt is not None and ckpt not in ("best", "hpc", "registry"):
-                check_resume(ckpt, self.model)
+                check_resume(ckpt, self.model, training=self.subcommand == "fit")
 
         def before_fit(self) -> None:
             self._place_outputs()

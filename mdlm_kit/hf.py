@@ -302,9 +302,20 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise UserError(f"--out {out}: cannot write in {parent} (permission denied); choose a folder you can write")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is a file; give a folder path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {out} exists and is not empty; pass --overwrite true to replace it, or choose "
-                        "another folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out {out} exists and is not empty; pass --overwrite true to replace it, or choose "
+                            "another folder")
+        if not _is_export(out):  # --overwrite replaces an earlier export, never a folder of something else
+            raise UserError(f"--out {out} exists and is not an mdlm-kit export; --overwrite only replaces an "
+                            "earlier export: choose another folder")
+
+
+def _is_export(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") == MODEL_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
@@ -357,7 +368,7 @@ def export(checkpoint: str, out: str, ema: bool = True, overwrite: bool = False)
     and renamed into place: ``out`` is never left half-written.
 
     Args:
-        checkpoint: a ``.ckpt`` written by ``mdlm-kit fit``.
+        checkpoint: a ``.ckpt`` written by ``mdlm-kit fit``, or a checkpoint of the MDLM reference code.
         out: the folder to write (its parent must exist).
         ema: the EMA weights of a run trained with ``EMAWeightAveraging`` (the checkpoint's ``state_dict``,
             the weights every mdlm-kit command uses); ``false``: the trained weights Lightning saved beside
@@ -372,11 +383,19 @@ def export(checkpoint: str, out: str, ema: bool = True, overwrite: bool = False)
 
     out_path = Path(out).expanduser().absolute()
     _check_out(out_path, overwrite)
+    from mdlm_kit.models.mdlm_import import is_mdlm_checkpoint, load_mdlm_checkpoint
+
     ckpt_path = Path(checkpoint)
-    if ckpt_path.is_dir():
-        raise UserError(f"{ckpt_path} is a folder; export takes a .ckpt written by mdlm-kit fit")
-    model, dm = load_checkpoint(ckpt_path)
-    weights = _checkpoint_weights(ckpt_path, model, ema)
+    if ckpt_path.expanduser().absolute().is_relative_to(out_path):
+        raise UserError(f"--checkpoint {ckpt_path} lies inside --out {out_path}; export to another folder")
+    if is_mdlm_checkpoint(ckpt_path):  # the MDLM reference code's: its EMA weights unless ema is false
+        model, dm = load_mdlm_checkpoint(ckpt_path, use_ema=ema)
+        weights = model.imported_weights
+    else:
+        if ckpt_path.is_dir():
+            raise UserError(f"{ckpt_path} is a folder; export takes a .ckpt written by mdlm-kit fit")
+        model, dm = load_checkpoint(ckpt_path)
+        weights = _checkpoint_weights(ckpt_path, model, ema)
     hf = build_hf_model(model, dm)
     try:
         tokenizer, tokenizer_note = hf_tokenizer(dm.tokenizer, model.mask_id, model.config.max_seq_len), None
@@ -451,7 +470,7 @@ def load_export(path: str | Path, map_location: str = "cpu", kind: str | None = 
     ``AutoregressiveLM`` rebuilt from the hyperparameters in config.json with the weights of the safetensors
     file(s); ``kind`` (``diffusion`` or ``autoregressive``) makes any other kind an error.
     """
-    from mdlm_kit.checkpoint import _known_kwargs
+    from mdlm_kit.checkpoint import known_kwargs
     from mdlm_kit.data import TextDataModule
     from mdlm_kit.lightning import MODELS
 
@@ -472,7 +491,7 @@ def load_export(path: str | Path, map_location: str = "cpu", kind: str | None = 
     if kind is not None and cls.kind != kind:
         need = {"diffusion": "a masked diffusion model", "autoregressive": "an autoregressive model"}[kind]
         raise UserError(f"{path} holds the {cls.kind} model {cls.__name__}; this command needs {need}")
-    model = cls(**_known_kwargs(cls, cfg["model_hparams"]))
+    model = cls(**known_kwargs(cls, cfg["model_hparams"]))
     state = _read_weights(path, map_location)
     prefix = "backbone."
     if any(not k.startswith(prefix) for k in state):
@@ -482,7 +501,7 @@ def load_export(path: str | Path, map_location: str = "cpu", kind: str | None = 
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit the model described in it ({str(e).splitlines()[0]})") from None
     model.eval()
-    dm = TextDataModule(**_known_kwargs(TextDataModule, cfg.get("data_hparams") or {}))
+    dm = TextDataModule(**known_kwargs(TextDataModule, cfg.get("data_hparams") or {}))
     if cfg.get("tokenizer_spec") is not None:
         dm.load_state_dict({"tokenizer": cfg["tokenizer_spec"]})
     return model, dm

@@ -57,6 +57,7 @@ class LanguageModel(L.LightningModule):
         self._t_last: float | None = None
         self._rng_resume: dict | None = None
         self._skips = 0  # consecutive steps skipped for a non-finite loss or gradient
+        self._skip_update = False
 
     def forward(self, input_ids: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.backbone(input_ids, cond)
@@ -114,6 +115,9 @@ class LanguageModel(L.LightningModule):
             self.log("train/skipped_steps", float(self._skips), reduce_fx="max")
             return
         saved = last_good_checkpoint(self.trainer)
+        for cb in self.trainer.checkpoint_callbacks:  # nothing is saved past this point (save_on_exception)
+            if hasattr(cb, "_last_global_step_saved"):
+                cb._last_global_step_saved = step
         kept = f"the last good checkpoint is {saved[0]} (step {saved[1]})" if saved else "no checkpoint was written"
         fix = ("lower model.lr or set trainer.gradient_clip_val, then resume with --ckpt_path last"
                if self.hparams.on_nonfinite == "stop" else
@@ -126,7 +130,12 @@ class LanguageModel(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # the loss may be finite while a gradient overflows, and one such step makes every weight NaN; under
         # 16-bit mixed precision the gradient scaler already skips those steps (and lowers the scale)
-        if str(self.trainer.precision).startswith("16"):
+        if self._skip_update:  # the loss was non-finite and skipped: no update from this window
+            self._skip_update = False
+            for p in self.parameters():  # AdamW leaves parameters without a gradient untouched
+                p.grad = None
+            return
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads:
@@ -201,12 +210,17 @@ class LanguageModel(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         terms = self.loss_terms(batch["input_ids"], self._train_keys(batch), rng.STREAM_TRAIN, batch.get("valid"))
         loss = terms.per_token()
-        bad = (~torch.isfinite(loss.detach())).float()
+        local_bad = (~torch.isfinite(loss.detach())).float()
+        bad = local_bad
         if self.trainer.world_size > 1:  # every process must take the same branch, or DDP waits forever
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+            bad = self.trainer.strategy.reduce(local_bad.clone(), reduce_op="sum")
         if bad > 0:
-            self._nonfinite(f"training loss ({loss.item()})")
-            return None  # Lightning skips backward and the optimizer step
+            self._nonfinite(f"training loss ({loss.item()})" if local_bad > 0 else
+                            "training loss (in another process)")
+            # skip: a zero loss still tied to every parameter (DDP needs a backward on every process; Lightning
+            # refuses a None from training_step under DDP), then no update (on_before_optimizer_step)
+            self._skip_update = True
+            return sum(p.nan_to_num(0.0, 0.0, 0.0).sum() for p in self.parameters() if p.requires_grad) * 0.0
         if batch.get("valid") is not None and self.trainer.world_size > 1:
             # padded blocks: ranks hold different numbers of real tokens; scale so that the gradient the
             # processes average is the gradient of the global per-token loss, as with one process

@@ -97,8 +97,8 @@ def combine(*parts: Tensor | int) -> Tensor:
 
 
 def global_states() -> dict:
-    """The process's global generators (Python, NumPy, torch CPU and CUDA): what dropout and any other
-    stateful randomness draw from, saved in checkpoints so a resumed run draws what it would have."""
+    """The process's global generators (Python, NumPy, torch CPU and this process's CUDA device): what dropout
+    and any other stateful randomness draw from, saved in checkpoints so a resumed run draws what it would have."""
     import random
 
     import numpy as np
@@ -108,7 +108,9 @@ def global_states() -> dict:
     numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
     states = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's device only: under DDP each rank drives its own device's generator, and seeded alike
+        # they all hold rank 0's state; restoring all devices from rank 0 would give rank r a stale cuda:r
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
@@ -121,5 +123,5 @@ def set_global_states(states: dict) -> None:
     name, keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(states["torch"].cpu())
-    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
+    if "cuda" in states and torch.cuda.is_available() and torch.is_tensor(states["cuda"]):
+        torch.cuda.set_rng_state(states["cuda"].cpu())

@@ -108,6 +108,8 @@ def check_writable_folder(folder: str | Path, what: str, create: bool = False) -
     probe = folder
     if create:
         while not probe.exists() and probe != probe.parent:
+            if probe.is_symlink():
+                raise UserError(f"{what}: {probe} is a symbolic link to nothing; fix the link or pick another path")
             probe = probe.parent
     if not probe.is_dir():
         if probe.exists():

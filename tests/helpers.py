@@ -90,14 +90,27 @@ def _kill_at_class():
 
     class KillAt(Callback):
         """Sends its own process ``signum`` (SIGKILL: nothing runs after it) once training reaches global step
-        ``step``."""
+        ``step``: at the end of that training batch, or of the batch ``batch`` of the epoch (gradient
+        accumulation), or during the validation that follows it (``during: validation``)."""
 
-        def __init__(self, step: int, signum: int = int(signal.SIGKILL)):
-            self.step, self.signum = step, signum
+        def __init__(self, step: int, signum: int = int(signal.SIGKILL), during: str = "training",
+                     batch: int | None = None, rank: int | None = None):
+            self.step, self.signum, self.during, self.batch, self.rank = step, signum, during, batch, rank
+            self.sent = False
+
+        def _send(self, trainer):
+            if not self.sent and (self.rank is None or trainer.global_rank == self.rank):
+                self.sent = True
+                os.kill(os.getpid(), self.signum)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step == self.step:
-                os.kill(os.getpid(), self.signum)
+            if self.during == "training" and trainer.global_step == self.step:
+                if self.batch is None or batch_idx == self.batch:
+                    self._send(trainer)
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            if self.during == "validation" and trainer.global_step == self.step and not trainer.sanity_checking:
+                self._send(trainer)
 
     return KillAt
 
@@ -142,23 +155,26 @@ def _poison_at_class():
     class PoisonAt(Callback):
         """Makes step ``step`` non-finite: ``where=loss`` puts a NaN into a weight of the first block for that
         step's forward pass (restored right after it), ``where=grad`` an infinity into one gradient before the
-        optimizer step."""
+        optimizer step; in process ``rank`` only, if given."""
 
-        def __init__(self, step: int, where: str = "loss"):
-            self.step, self.where, self.saved = step, where, None
+        def __init__(self, step: int, where: str = "loss", rank: int | None = None):
+            self.step, self.where, self.saved, self.rank = step, where, None, rank
+
+        def _mine(self, trainer):
+            return self.rank is None or trainer.global_rank == self.rank
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if self.where == "loss" and trainer.global_step == self.step:
+            if self.where == "loss" and trainer.global_step == self.step and self._mine(trainer):
                 w = pl_module.backbone.blocks[0].mlp.fc.weight
                 self.saved = w.detach().clone()
                 with torch.no_grad():
                     w[0, 0] = float("nan")
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            if self.where == "grad" and trainer.global_step == self.step:
+            if self.where == "grad" and trainer.global_step == self.step and self._mine(trainer):
                 pl_module.backbone.blocks[0].mlp.fc.weight.grad[0, 0] = float("inf")
 
-        def on_before_zero_grad(self, trainer, pl_module, optimizer):  # right after training_step
+        def on_after_backward(self, trainer, pl_module):  # the backward pass needed the poisoned weight
             if self.saved is not None:
                 with torch.no_grad():
                     pl_module.backbone.blocks[0].mlp.fc.weight.copy_(self.saved)

@@ -109,3 +109,27 @@ def test_resuming_with_another_global_batch_is_refused(tmp_path, corpus, cache_r
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "global batch of 16" in proc.stderr.strip().splitlines()[-1]
     assert os.path.exists(tmp_path / "a" / "checkpoints" / "last.ckpt")
+
+
+def test_ddp_skips_a_step_non_finite_in_one_process_and_saves_together_on_sigterm(tmp_path, corpus, cache_root):
+    """2 DDP processes: a NaN loss in process 1 only (step 3) is skipped by both (no update anywhere, no hang,
+    no traceback); a SIGTERM to process 0 only (after step 3) makes both save step 3 and stop (status 143)."""
+    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.batch_size", "8"]
+    _fit(tmp_path, "skip", corpus, *ddp, "--trainer.max_steps", "5", "--model.on_nonfinite", "skip",
+         "--trainer.callbacks+=helpers.PoisonAt", "--trainer.callbacks.step", "3", "--trainer.callbacks.rank", "1")
+    rec = read_records(tmp_path / "skip.rec", world_size=2)
+    assert [r["step"] for r in rec] == [1, 2, 3, 4, 5]
+    assert rec[3]["wsum"] == rec[2]["wsum"] != rec[4]["wsum"]  # the 4th step updated nothing, the 5th did
+
+    cfg = tmp_path / "ckpt.yaml"
+    cfg.write_text("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+                   "      init_args: {save_last: true, every_n_train_steps: 100}\n")
+    proc = run_cli("fit", "--config", str(CONFIGS / "debug.yaml"), "--config", str(cfg), "--data.corpus", str(corpus),
+                   "--trainer.default_root_dir", str(tmp_path / "term"), *COMMON, "--trainer.callbacks.path",
+                   str(tmp_path / "term.rec"), *ddp, "--trainer.max_steps", "8", "--trainer.callbacks+=helpers.KillAt",
+                   "--trainer.callbacks.step", "3", "--trainer.callbacks.signum", "15", "--trainer.callbacks.rank", "0",
+                   timeout=300, env={"PYTHONPATH": str(ROOT / "tests")})
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    import torch
+
+    assert torch.load(tmp_path / "term" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3

@@ -289,6 +289,22 @@ def test_export_errors_are_one_line_and_leave_nothing(case, match, trained_ckpt,
         assert _listing(out) == ["keep.txt"]
 
 
+def test_overwrite_replaces_only_an_earlier_export(trained, tmp_path, capsys):
+    """--overwrite true must not delete a folder that is not an export: e.g. the run folder the checkpoint is in."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = _listing(run)
+    code, _, err = _cli(capsys, "export", "--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--out", str(run),
+                        "--overwrite", "true")
+    _one_error_line(code, err, "is not an mdlm-kit export")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    code, _, err = _cli(capsys, "export", "--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--out",
+                        str(tmp_path / "other"), "--overwrite", "true")
+    _one_error_line(code, err, "is not an mdlm-kit export")
+    assert _listing(run) == before and _listing(tmp_path / "other") == ["notes.txt"]
+
+
 def test_export_error_from_a_real_process(trained_ckpt, tmp_path):
     proc = run_cli("export", "--checkpoint", str(trained_ckpt), "--out", str(tmp_path / "no" / "out"))
     _one_error_line(proc.returncode, proc.stderr, "does not exist")

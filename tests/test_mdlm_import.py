@@ -455,8 +455,11 @@ def test_the_cli_samples_evaluates_and_exports_an_mdlm_checkpoint(tmp_path, cach
     from helpers import run_cli
 
     sd = random_reference(50258, 16, cond=8, n_layers=1, n_heads=2, seed=3)
+    names = mdlm_parameter_names(1)
+    ema = [sd[k] + 0.1 for k in names]  # MDLM's EMA: shadow parameters in the backbone's parameter order
     ckpt = tmp_path / "mdlm.ckpt"
-    torch.save({"state_dict": {f"backbone.{k}": v for k, v in sd.items()}, "global_step": 1}, ckpt)
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in sd.items()}, "global_step": 1,
+                "ema": {"decay": 0.9999, "shadow_params": ema}}, ckpt)
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     proc = run_cli("generate", "--checkpoint", str(ckpt), "--sampler", "fhs", "--num_samples", "2", "--length", "16",
@@ -469,9 +472,17 @@ def test_the_cli_samples_evaluates_and_exports_an_mdlm_checkpoint(tmp_path, cach
         if where.name == "export":
             proc = run_cli("export", "--checkpoint", str(ckpt), "--out", str(where), timeout=300)
             assert proc.returncode == 0, proc.stderr[-2000:]
+            assert json.loads(proc.stdout)["weights"] == "ema"
         proc = run_cli("ppl", "--checkpoint", str(where), "--data", str(text), "--seq_len", "32", "--progress",
                        "false", timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         bounds.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert bounds[0]["num_tokens"] == bounds[1]["num_tokens"] > 0
     assert bounds[0]["nelbo"] == bounds[1]["nelbo"] and math.isfinite(bounds[0]["nelbo"])
+    # the export holds MDLM's EMA weights, or with ema=false the raw ones
+    from mdlm_kit import hf
+
+    assert hf.export(str(ckpt), str(tmp_path / "raw"), ema=False)["weights"] == "raw"
+    exported = {w: hf.load_export(tmp_path / d)[0].backbone.embed.weight
+                for w, d in (("ema", "export"), ("raw", "raw"))}
+    assert torch.equal(exported["ema"], ema[0]) and torch.equal(exported["raw"], sd["vocab_embed.embedding"])

@@ -81,17 +81,70 @@ def test_a_run_killed_with_sigkill_resumes_with_the_losses_of_an_uninterrupted_r
     assert _step(last) == END
 
 
-def test_sigterm_saves_the_current_step_and_the_run_resumes_from_it(tmp_path, corpus, full):
-    """A cluster's SIGTERM (preemption, a time limit) at step 12: last.ckpt holds step 12, the exit status says
-    so (128 + 15), and resuming continues exactly."""
-    proc = _fit(tmp_path, "run", corpus, "--trainer.callbacks+=helpers.KillAt", "--trainer.callbacks.step", "12",
-                "--trainer.callbacks.signum", "15")
+@pytest.mark.parametrize("during, saved", [("training", 12), ("validation", 11)])
+def test_sigterm_saves_the_current_step_and_the_run_resumes_from_it(tmp_path, corpus, full, during, saved):
+    """A cluster's SIGTERM (preemption, a time limit) after step 12, or during the validation after step 10:
+    the run stops at the end of the current step (validation finishes first), last.ckpt holds it, the exit
+    status says so (128 + 15), and resuming continues exactly."""
+    step = 12 if during == "training" else 10
+    proc = _fit(tmp_path, "run", corpus, "--trainer.callbacks+=helpers.KillAt", "--trainer.callbacks.step", str(step),
+                "--trainer.callbacks.signum", "15", "--trainer.callbacks.during", during)
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("mdlm-kit: stopped by SIGTERM")
-    assert _step(tmp_path / "run" / "checkpoints" / "last.ckpt") == 12
+    assert _step(tmp_path / "run" / "checkpoints" / "last.ckpt") == saved
     proc = _fit(tmp_path, "run", corpus, "--ckpt_path", "last", rec=tmp_path / "rest.rec")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert read_records(tmp_path / "run.rec")[:12] + read_records(tmp_path / "rest.rec") == full
+    assert read_records(tmp_path / "run.rec")[:saved] + read_records(tmp_path / "rest.rec") == full
+
+
+def test_a_stop_in_the_middle_of_gradient_accumulation_waits_for_the_optimizer_step(tmp_path, corpus):
+    """Two batches per optimizer step (4 steps an epoch), SIGTERM after the first batch of step 7 (batch 4 of
+    epoch 1): the run takes that step before it saves and stops, so the resumed run goes on from a whole step."""
+    acc = ["--trainer.accumulate_grad_batches", "2"]
+    proc = _fit(tmp_path, "full", corpus, *acc, end=12)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _fit(tmp_path, "run", corpus, *acc, "--trainer.callbacks+=helpers.KillAt", "--trainer.callbacks.step",
+                "6", "--trainer.callbacks.batch", "4", "--trainer.callbacks.signum", "15", end=12)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert _step(tmp_path / "run" / "checkpoints" / "last.ckpt") == 7
+    proc = _fit(tmp_path, "run", corpus, *acc, "--ckpt_path", "last", rec=tmp_path / "rest.rec", end=12)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full, part, rest = (read_records(tmp_path / f"{n}.rec") for n in ("full", "run", "rest"))
+    assert len(part) == 14 and part + rest == full  # 14 batches = 7 whole steps, then the rest as if never stopped
+
+
+def test_a_save_at_the_last_step_leaves_the_validation_checkpoint_of_that_step(tmp_path, corpus):
+    """The end-of-run save must not make ModelCheckpoint skip the save it owes the validation at the same step."""
+    proc = run_cli("fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(corpus),
+                   "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", "4",
+                   "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["epoch=0-step=4.ckpt", "last.ckpt"]
+    assert _step(ckpts / "last.ckpt") == 4
+
+
+def test_validate_takes_a_weights_only_checkpoint_and_a_resume_ignores_unknown_settings(tmp_path, corpus, full):
+    """Preflight refuses to resume training from weights alone, but validate needs nothing more; and a checkpoint
+    holding a model setting this version lacks (a newer version's) resumes with a warning, not a traceback."""
+    proc = _fit(tmp_path, "run", corpus, end=5)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    weights = {k: v for k, v in ckpt.items() if k not in ("optimizer_states", "lr_schedulers", "loops", "callbacks")}
+    torch.save(weights, tmp_path / "weights.ckpt")
+    proc = run_cli("validate", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(corpus),
+                   "--trainer.default_root_dir", str(tmp_path / "val"), "--trainer.limit_val_batches", "1",
+                   "--ckpt_path", str(tmp_path / "weights.ckpt"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _fit(tmp_path, "val2", corpus, "--ckpt_path", str(tmp_path / "weights.ckpt"), end=6)
+    assert proc.returncode == 2 and "holds weights only" in proc.stderr.strip().splitlines()[-1]
+
+    ckpt["hyper_parameters"]["a_future_setting"] = 3
+    torch.save(ckpt, tmp_path / "future.ckpt")
+    proc = _fit(tmp_path, "future", corpus, "--ckpt_path", str(tmp_path / "future.ckpt"), end=6)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ignoring model settings this version does not know: a_future_setting" in proc.stderr
+    assert read_records(tmp_path / "future.rec") == full[5:6]
 
 
 def test_resuming_without_the_generators_state_would_change_the_losses(tmp_path, corpus, full):
@@ -171,7 +224,7 @@ def test_on_nonfinite_skip_skips_the_step_and_trains_on(tmp_path, corpus, full, 
     assert rec[:12] == full[:12]
     assert rec[12]["index"] == full[12]["index"]
     if where == "loss":
-        assert rec[12]["loss"] == [None]  # no loss, no backward
+        assert rec[12]["loss"] == [0.0]  # a zero stand-in for the NaN: every process runs a backward
     assert rec[12]["wsum"] == rec[11]["wsum"] != full[12]["wsum"]  # no update: the weights stayed as they were
     assert rec[13]["wsum"] != rec[12]["wsum"]  # and training went on
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

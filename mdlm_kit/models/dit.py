@@ -82,7 +82,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.causal = causal
-        self.dropout = cfg.dropout
+        # MDLM's DiT drops out only after the attention and MLP outputs (flash attention is called with p=0)
+        self.dropout = 0.0 if cfg.layout == "mdlm" else cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 

@@ -288,6 +288,8 @@ def _settings(cfg) -> dict:
         "data": _get(cfg, "data.train"),
         "wrap": _get(cfg, "data.wrap"),
         "tokenizer": _get(cfg, "data.tokenizer_name_or_path"),
+        "parameterization": _get(cfg, "parameterization"),
+        "change_of_variables": _get(cfg, "training.change_of_variables", "change_of_variables"),
     }
 
 
@@ -423,6 +425,12 @@ def load_mdlm_checkpoint(path: str | Path, tokenizer=None, n_heads: int | None =
 
     path = Path(path)
     ref, settings, used_ema = _read(path, map_location, use_ema)
+    if settings["parameterization"] not in (None, "subs"):
+        raise UserError(f"{path} was trained with MDLM's {settings['parameterization']!r} parameterization; only "
+                        "'subs' (masked diffusion) models can be imported")
+    if settings["change_of_variables"]:
+        raise UserError(f"{path} was trained with change_of_variables (the backbone is conditioned on t, not "
+                        "sigma); only the default sigma conditioning can be imported")
     heads = n_heads if n_heads is not None else settings["n_heads"]
     sd, cfg = convert_mdlm_state_dict(ref, int(heads) if heads is not None else None)
     for key, what in (("d_model", "width (hidden_size / hidden_dim)"), ("cond_dim", "cond_dim"),
@@ -444,6 +452,7 @@ def load_mdlm_checkpoint(path: str | Path, tokenizer=None, n_heads: int | None =
     )
     model.backbone.load_state_dict(sd)
     model.eval()
+    model.imported_weights = "ema" if used_ema else "raw"  # what `mdlm-kit export` reports
     log.info("imported MDLM model from %s (%s weights, %d heads)", path, "EMA" if used_ema else "raw",
              cfg["n_heads"])
     return model, _data_module(cfg["vocab_size"], tokenizer, settings, seq_len)
