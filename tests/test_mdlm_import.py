@@ -486,3 +486,24 @@ def test_the_cli_samples_evaluates_and_exports_an_mdlm_checkpoint(tmp_path, cach
     exported = {w: hf.load_export(tmp_path / d)[0].backbone.embed.weight
                 for w, d in (("ema", "export"), ("raw", "raw"))}
     assert torch.equal(exported["ema"], ema[0]) and torch.equal(exported["raw"], sd["vocab_embed.embedding"])
+
+
+def test_the_mdlm_layout_drops_out_after_attention_not_inside_it(monkeypatch):
+    """MDLM's DiT calls flash attention with dropout 0 and drops out only the attention and MLP outputs; the kit
+    layout also drops out attention weights. Fine-tuning an imported model must train the reference's function."""
+    import torch.nn.functional as F
+
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("dropout_p", 0.0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    ids = torch.randint(0, 10, (2, 8))
+    for layout, expected in (("mdlm", 0.0), ("kit", 0.1)):
+        seen.clear()
+        DiT(DiTConfig(vocab_size=11, n_layers=1, d_model=16, n_heads=2, max_seq_len=8, dropout=0.1,
+                      layout=layout)).train()(ids)
+        assert seen == [expected], layout

@@ -231,3 +231,19 @@ def test_on_nonfinite_skip_skips_the_step_and_trains_on(tmp_path, corpus, full, 
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
     metrics = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text()
     assert "train/skipped_steps" in metrics.splitlines()[0]
+
+
+def test_a_sharded_checkpoint_folder_is_left_to_lightning(tmp_path):
+    """FSDP2's default checkpoint is a folder (torch distributed checkpointing's .metadata plus shards): the resume
+    check must not call it missing; a folder without that is still refused."""
+    from mdlm_kit.callbacks import check_resume
+    from mdlm_kit.errors import UserError
+    from mdlm_kit.lightning import MaskedDiffusionLM
+
+    model = MaskedDiffusionLM(vocab_size=11, size="debug")
+    (tmp_path / "last.ckpt").mkdir()
+    (tmp_path / "last.ckpt" / ".metadata").write_bytes(b"")
+    check_resume(tmp_path / "last.ckpt", model)
+    (tmp_path / "empty.ckpt").mkdir()
+    with pytest.raises(UserError, match="no such checkpoint"):
+        check_resume(tmp_path / "empty.ckpt", model)
