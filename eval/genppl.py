@@ -142,10 +142,22 @@ class HFScorer:
         return total, count
 
 
+def _is_toolkit_export(path: Path) -> bool:
+    """A folder written by ``mdlm-kit export`` (read by the toolkit's own loader, ids and all)."""
+    import json
+
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "mdlm_kit"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def make_scorer(scorer: str, device: str = "cpu"):
     if scorer.endswith(".ckpt"):
         if not Path(scorer).expanduser().is_file():
             raise UserError(f"--scorer: checkpoint not found: {scorer}")
+        return ToolkitScorer(scorer, device)
+    if _is_toolkit_export(Path(scorer).expanduser()):
         return ToolkitScorer(scorer, device)
     return HFScorer(scorer, device)
 
@@ -180,7 +192,7 @@ def genppl(samples: str, scorer: str = "gpt2-large", device: str = "auto") -> di
     Args:
         samples: JSON lines written by ``mdlm-kit generate --output FILE.jsonl``.
         scorer: a Hugging Face causal LM (hub name or local folder; ``gpt2-large`` as in the MDLM paper)
-            or an ``AutoregressiveLM`` checkpoint (``.ckpt``) of this toolkit.
+            or an ``AutoregressiveLM`` checkpoint (``.ckpt``) of this toolkit, or its ``mdlm-kit export`` folder.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     """
     from mdlm_kit.eval.likelihood import ratio_stderr

@@ -3,6 +3,7 @@ CLI on an exported folder, the tokenizer as an AutoTokenizer, and export errors 
 
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -201,6 +202,20 @@ def test_generate_and_ppl_on_the_export_match_the_checkpoint(ckpts, exports, cap
             results.append(json.loads(out.strip().splitlines()[-1]))
         keys = ("nelbo", "ppl", "stderr", "num_tokens", "data")
         assert {k: results[0][k] for k in keys} == {k: results[1][k] for k in keys}
+
+
+def test_genppl_scores_with_an_exported_autoregressive_model_as_with_its_checkpoint(ckpts, exports, tmp_path,
+                                                                                   capsys):
+    samples = tmp_path / "s.jsonl"
+    code, _, err = _cli(capsys, "generate", "--checkpoint", str(ckpts["agnostic"]), "--num_samples", "2",
+                        "--length", "32", "--seed", "0", "--output", str(samples))
+    assert code == 0, err[-2000:]
+    scores = []
+    for scorer in (ckpts["autoregressive"], exports["autoregressive"]):
+        code, out, err = _cli(capsys, "genppl", "--samples", str(samples), "--scorer", str(scorer))
+        assert code == 0, err[-2000:]
+        scores.append(json.loads(out.strip().splitlines()[-1]))
+    assert scores[0]["gen_nll"] == scores[1]["gen_nll"] and math.isfinite(scores[0]["gen_nll"])
 
 
 def test_the_export_carries_its_data_and_tokenizer(ckpts, exports):
