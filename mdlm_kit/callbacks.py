@@ -185,6 +185,9 @@ def check_resume(path: str | Path, model: L.LightningModule, training: bool = Tr
     path = Path(path).expanduser()
     if path.is_dir() and ((path / ".metadata").is_file() or (path / "meta.pt").is_file()):
         return
+    if path.is_dir() and (path / "config.json").is_file():
+        raise UserError(f"--ckpt_path {path} is a model folder (an export), not a training checkpoint; start from "
+                        f"its weights with --model.init_from {path}")
     if not path.is_file():
         raise UserError(f"--ckpt_path {path}: no such checkpoint; give a .ckpt file, or 'last' to resume from the "
                         "newest last.ckpt of trainer.default_root_dir")

@@ -32,6 +32,7 @@ ROWS = {
                                "was trained with a vocabulary of"),
     "fit-init-from-other-size": (["fit", "{debug}", "--model.size", "tiny", "--model.init_from", "{ckpt}"],
                                  "holds another architecture"),
+    "fit-resume-from-export": (["fit", "{debug}", "--ckpt_path", "{export}"], "start from its weights with --model"),
     "fit-root-not-writable": (["fit", "{debug}", "--trainer.default_root_dir", "{readonly}/run"],
                               "cannot write in the folder"),
     # generate
@@ -79,6 +80,9 @@ def files(tmp_path_factory, trained_ckpt):
     digits.mkdir()
     (digits / "a.txt").write_text("0123456789\n" * 400)
     (root / "truncated.ckpt").write_bytes(trained_ckpt.read_bytes()[:30000])
+    export = root / "export"
+    export.mkdir()
+    (export / "config.json").write_text('{"model_type": "mdlm_kit"}')
     readonly = root / "readonly"
     readonly.mkdir()
     readonly.chmod(0o555)
@@ -86,7 +90,7 @@ def files(tmp_path_factory, trained_ckpt):
         readonly = Path("/sys")
     return {"empty": root / "empty.txt", "binary": root / "binary.bin", "latin1": root / "latin1.txt",
             "typo": root / "typo.yaml", "digits": digits, "truncated": root / "truncated.ckpt",
-            "readonly": readonly, "ckpt": trained_ckpt, "corpus": write_corpus(root / "corpus")}
+            "readonly": readonly, "ckpt": trained_ckpt, "export": export, "corpus": write_corpus(root / "corpus")}
 
 
 def _argv(template: list[str], files: dict, tmp: Path) -> list[str]:
