@@ -163,13 +163,13 @@ def _lightning_cli(argv: list[str] | None) -> None:
             cfg = self.config[self.subcommand]
             check_writable_folder(self.trainer.default_root_dir, "trainer.default_root_dir", create=True)
             self.model.check_data(self.datamodule)
-            self.model.load_init_weights()
             ckpt = cfg.get("ckpt_path")
             if ckpt == "last":
                 dirs = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
                 ckpt = resolve_last(dirs)  # none yet: Lightning starts afresh (a requeued job's first run)
             if ckpt is not None and ckpt not in ("best", "hpc", "registry"):
                 check_resume(ckpt, self.model, training=self.subcommand == "fit")
+            self.model.load_init_weights(resuming=ckpt is not None)
 
         def before_fit(self) -> None:
             self._place_outputs()

@@ -128,13 +128,13 @@ class LanguageModel(L.LightningModule):
                            if self.hparams.on_nonfinite == "stop" else ""))
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        # the loss may be finite while a gradient overflows, and one such step makes every weight NaN; under
-        # 16-bit mixed precision the gradient scaler already skips those steps (and lowers the scale)
         if self._skip_update:  # the loss was non-finite and skipped: no update from this window
             self._skip_update = False
             for p in self.parameters():  # AdamW leaves parameters without a gradient untouched
                 p.grad = None
             return
+        # the loss may be finite while a gradient overflows, and one such step makes every weight NaN; under
+        # 16-bit mixed precision the gradient scaler already skips those steps (and lowers the scale)
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
@@ -155,12 +155,16 @@ class LanguageModel(L.LightningModule):
         self.check_data(getattr(self.trainer, "datamodule", None) if self._trainer is not None else None)
         self.load_init_weights()
 
-    def load_init_weights(self) -> None:
+    def load_init_weights(self, resuming: bool = False) -> None:
         """Start from the weights of ``init_from`` (an mdlm-kit ``.ckpt``, an ``mdlm-kit export`` folder or an
-        MDLM reference checkpoint): fine-tuning, or ``validate`` on an exported model. Once; a resumed run's
-        checkpoint (``--ckpt_path``) is restored after this and wins."""
+        MDLM reference checkpoint): fine-tuning, or ``validate`` on an exported model. Once, and not when the
+        run resumes from a checkpoint (``--ckpt_path``; the CLI says so), whose weights win (``init_from`` may be
+        gone by then)."""
         path = self.hparams.get("init_from")
         if not path or getattr(self, "_init_loaded", False):
+            return
+        if resuming:
+            self._init_loaded = True  # setup() must not load it either
             return
         from mdlm_kit.checkpoint import load_checkpoint
 
@@ -207,7 +211,7 @@ class LanguageModel(L.LightningModule):
         slot = torch.arange(bsz, device=self.device, dtype=torch.int64)
         return (n * world + rank) * bsz + slot
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         terms = self.loss_terms(batch["input_ids"], self._train_keys(batch), rng.STREAM_TRAIN, batch.get("valid"))
         loss = terms.per_token()
         local_bad = (~torch.isfinite(loss.detach())).float()

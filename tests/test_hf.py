@@ -438,10 +438,18 @@ def test_validate_and_fine_tuning_start_from_an_export(trained, exports, tmp_pat
     assert _val_nelbo(tmp_path / "b") < 3.0  # a trained model (2.6), not a fresh one (uniform: ln 29 = 3.4)
 
     # one step at a learning rate of 1e-9 (warmup makes it 1e-10): the trained weights are those of the export
+    export = tmp_path / "export"
+    shutil.copytree(exports["agnostic"], export)
     code, _, err = _cli(capsys, "fit", *base, "--trainer.default_root_dir", str(tmp_path / "c"), "--trainer.max_steps",
-                        "1", "--model.lr", "1e-9", "--model.init_from", str(exports["agnostic"]))
+                        "1", "--model.lr", "1e-9", "--model.init_from", str(export))
     assert code == 0, err[-2000:]
     tuned = torch.load(tmp_path / "c" / "checkpoints" / "last.ckpt", weights_only=False)["current_model_state"]
-    source, _ = hf.load_export(exports["agnostic"])
+    source, _ = hf.load_export(export)
     for k, v in source.state_dict().items():
         torch.testing.assert_close(tuned[k], v, atol=1e-6, rtol=0)
+    # resuming the fine-tuning run needs its checkpoint, not the export it started from
+    shutil.rmtree(export)
+    code, _, err = _cli(capsys, "fit", *base, "--trainer.default_root_dir", str(tmp_path / "c"), "--trainer.max_steps",
+                        "2", "--model.lr", "1e-9", "--model.init_from", str(export), "--ckpt_path", "last")
+    assert code == 0, err[-2000:]
+    assert torch.load(tmp_path / "c" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
