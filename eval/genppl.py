@@ -142,22 +142,14 @@ class HFScorer:
         return total, count
 
 
-def _is_toolkit_export(path: Path) -> bool:
-    """A folder written by ``mdlm-kit export`` (read by the toolkit's own loader, ids and all)."""
-    import json
-
-    try:
-        return json.loads((path / "config.json").read_text()).get("model_type") == "mdlm_kit"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def make_scorer(scorer: str, device: str = "cpu"):
     if scorer.endswith(".ckpt"):
         if not Path(scorer).expanduser().is_file():
             raise UserError(f"--scorer: checkpoint not found: {scorer}")
         return ToolkitScorer(scorer, device)
-    if _is_toolkit_export(Path(scorer).expanduser()):
+    from mdlm_kit.checkpoint import is_export
+
+    if is_export(Path(scorer).expanduser()):
         return ToolkitScorer(scorer, device)
     return HFScorer(scorer, device)
 

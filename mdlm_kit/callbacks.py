@@ -185,7 +185,9 @@ def check_resume(path: str | Path, model: L.LightningModule, training: bool = Tr
     path = Path(path).expanduser()
     if path.is_dir() and ((path / ".metadata").is_file() or (path / "meta.pt").is_file()):
         return
-    if path.is_dir() and (path / "config.json").is_file():
+    from mdlm_kit.checkpoint import is_export
+
+    if is_export(path):
         raise UserError(f"--ckpt_path {path} is a model folder (an export), not a training checkpoint; start from "
                         f"its weights with --model.init_from {path}")
     if not path.is_file():

@@ -15,6 +15,19 @@ def known_kwargs(cls, kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
+EXPORT_MODEL_TYPE = "mdlm_kit"  # config.json's model_type in a folder written by `mdlm-kit export`
+
+
+def is_export(path: str | Path) -> bool:
+    """A folder written by ``mdlm-kit export`` (read without importing transformers)."""
+    import json
+
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == EXPORT_MODEL_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _model_class(ckpt: dict):
     """The LightningModule class that wrote ``ckpt``: recorded by the model, else by the CLI's class path."""
     from mdlm_kit.lightning import MODELS, MaskedDiffusionLM

@@ -42,12 +42,13 @@ from transformers import initialization as hf_init
 from transformers.modeling_outputs import CausalLMOutput, MaskedLMOutput
 from transformers.utils import logging as hf_logging
 
+from mdlm_kit.checkpoint import EXPORT_MODEL_TYPE, is_export
 from mdlm_kit.errors import UserError
 from mdlm_kit.models import DiT, DiTConfig
 from mdlm_kit.models.dit import Rotary
 from mdlm_kit.utils import current_umask
 
-MODEL_TYPE = "mdlm_kit"
+MODEL_TYPE = EXPORT_MODEL_TYPE
 MASK_TOKEN = "<|mdlm_mask|>"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -306,16 +307,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
         if not overwrite:
             raise UserError(f"--out {out} exists and is not empty; pass --overwrite true to replace it, or choose "
                             "another folder")
-        if not _is_export(out):  # --overwrite replaces an earlier export, never a folder of something else
+        if not is_export(out):  # --overwrite replaces an earlier export, never a folder of something else
             raise UserError(f"--out {out} exists and is not an mdlm-kit export; --overwrite only replaces an "
                             "earlier export: choose another folder")
-
-
-def _is_export(folder: Path) -> bool:
-    try:
-        return json.loads((folder / "config.json").read_text()).get("model_type") == MODEL_TYPE
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
