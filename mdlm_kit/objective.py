@@ -145,7 +145,7 @@ def nelbo(
     schedule: Schedule,
     mask_id: int,
     num_steps: int | None = None,
-    time_conditioning: bool = False,
+    time_conditioning: bool | None = None,
     estimator: str = "time",
     masked_only: bool = False,
     kernel: str = "auto",
@@ -161,7 +161,8 @@ def nelbo(
         schedule: the noise schedule.
         mask_id: id of the mask token (a column of the logits).
         num_steps: None for continuous time, else the number of discrete steps T.
-        time_conditioning: pass the mask rate to the model (else ``cond`` is None).
+        time_conditioning: pass the mask rate to the model (else ``cond`` is None); None (default): as the
+            model's ``config.time_conditioning`` says (False for a model without one).
         estimator: ``time`` (sample t, mask each token with probability 1 - alpha(t)) or
             ``count`` (t integrated out: sample the number of masked tokens; time-agnostic
             models in continuous time only). ``t`` is the stratified uniform for either.
@@ -173,6 +174,12 @@ def nelbo(
             masked, never scored and not counted; the model sees it as given.
     """
     batch, length = x0.shape
+    conditioned = bool(getattr(getattr(model, "config", None), "time_conditioning", False))
+    if time_conditioning is None:
+        time_conditioning = conditioned
+    elif conditioned and not time_conditioning:
+        raise ValueError("this model is time-conditioned (config.time_conditioning): call nelbo(..., "
+                         "time_conditioning=True), or leave time_conditioning at None to follow the model")
     n_real = None if valid is None else valid.sum(-1)  # (B,) real tokens per sequence
     if estimator == "time":
         rate, weight = _step_weights(schedule, t, num_steps)
@@ -267,7 +274,7 @@ def nelbo_from_keys(
     seed: int,
     stream: int,
     num_steps: int | None = None,
-    time_conditioning: bool = False,
+    time_conditioning: bool | None = None,
     estimator: str = "time",
     masked_only: bool = False,
     kernel: str = "auto",

@@ -280,3 +280,23 @@ def test_padded_nelbo_is_the_exact_nelbo_of_the_real_tokens(random_dit, name, es
     with torch.no_grad():
         all_tokens = _exact_nelbo(random_dit, x0, schedule, mask_id)
     assert torch.all(all_tokens - exact > 10 * se)
+
+
+def test_nelbo_follows_a_time_conditioned_model_and_names_the_flag():
+    """The README's API call on a time-conditioned DiT: nelbo() reads config.time_conditioning itself (the mask rate
+    reaches the model), and an explicit time_conditioning=False is refused naming that flag, not DiT's cond."""
+    torch.manual_seed(0)
+    model = DiT(DiTConfig.from_name("debug", vocab_size=11, time_conditioning=True))
+    for p in model.parameters():  # adaLN starts at zero: make the time embedding matter
+        torch.nn.init.normal_(p, std=0.3)
+    x0 = torch.randint(0, 10, (4, 16))
+    t, u = torch.tensor([0.2, 0.4, 0.6, 0.9], dtype=torch.float64), torch.rand(4, 16, dtype=torch.float64)
+    sched = make_schedule("loglinear")
+    auto = nelbo(model, x0, t, u, sched, mask_id=10).per_seq
+    explicit = nelbo(model, x0, t, u, sched, mask_id=10, time_conditioning=True).per_seq
+    assert torch.equal(auto, explicit)
+    # the conditioning matters: the same masks scored with another time's embedding differ
+    shifted = nelbo(lambda z, c: model(z, c.flip(0)), x0, t, u, sched, mask_id=10, time_conditioning=True).per_seq
+    assert not torch.allclose(auto, shifted)
+    with pytest.raises(ValueError, match=r"nelbo\(\.\.\., time_conditioning=True\)"):
+        nelbo(model, x0, t, u, sched, mask_id=10, time_conditioning=False)
