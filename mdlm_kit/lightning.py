@@ -36,6 +36,8 @@ class LanguageModel(L.LightningModule):
     kind: str = ""
     causal: bool = False
     metric: str = "nelbo"  # what the logged loss is: a bound (nelbo) or the exact likelihood (nll)
+    # set by checkpoint.load_checkpoint on a model read from a .ckpt: steps, max_steps, stopped_early, stop_reason
+    run_info: dict | None = None
 
     def _build(
         self, vocab_size: int, size: str, lr: float, warmup_steps: int, decay_steps: int | None,
@@ -297,6 +299,9 @@ class MaskedDiffusionLM(LanguageModel):
         size: named backbone size (``debug``, ``tiny``, ``small``, ``medium``).
         n_layers, d_model, n_heads, cond_dim, max_seq_len: override the named size.
         dropout: dropout in the blocks.
+        conv_kernel: width of the depthwise convolution over positions in every block (0: none; kit layout).
+            Lets a masked position see its neighbours from the first step, which takes the model off the unigram
+            plateau early (BENCHMARKS.md); the quickstart's recipes use 3.
         time_conditioning: feed the noise level to the backbone (adaLN); off by default (time-agnostic).
         layout: ``kit`` (this toolkit's blocks) or ``mdlm`` (the MDLM reference DiT's layout, for its
             checkpoints; see ``mdlm_kit.models.dit``).
@@ -334,6 +339,7 @@ class MaskedDiffusionLM(LanguageModel):
         cond_dim: int | None = None,
         max_seq_len: int | None = None,
         dropout: float = 0.0,
+        conv_kernel: int = 0,
         time_conditioning: bool = False,
         layout: str = "kit",
         schedule: str = "loglinear",
@@ -372,7 +378,7 @@ class MaskedDiffusionLM(LanguageModel):
         self._build(
             vocab_size, size, lr, warmup_steps, decay_steps, on_nonfinite,
             n_layers=n_layers, d_model=d_model, n_heads=n_heads, cond_dim=cond_dim, max_seq_len=max_seq_len,
-            dropout=dropout, time_conditioning=time_conditioning, layout=layout,
+            dropout=dropout, time_conditioning=time_conditioning, layout=layout, conv_kernel=conv_kernel,
         )
 
     def loss_terms(self, x0: torch.Tensor, keys: torch.Tensor, stream: int,
@@ -406,6 +412,7 @@ class AutoregressiveLM(LanguageModel):
         size: named backbone size (``debug``, ``tiny``, ``small``, ``medium``).
         n_layers, d_model, n_heads, max_seq_len: override the named size.
         dropout: dropout in the blocks.
+        conv_kernel: as for ``MaskedDiffusionLM``, looking back only (a causal convolution).
         lr, weight_decay, betas: AdamW.
         warmup_steps: linear learning-rate warmup.
         decay_steps: cosine decay to ``min_lr_ratio * lr`` over this many steps after warmup (None: constant).
@@ -427,6 +434,7 @@ class AutoregressiveLM(LanguageModel):
         n_heads: int | None = None,
         max_seq_len: int | None = None,
         dropout: float = 0.0,
+        conv_kernel: int = 0,
         lr: float = 3e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -442,6 +450,7 @@ class AutoregressiveLM(LanguageModel):
         self._build(
             vocab_size, size, lr, warmup_steps, decay_steps, on_nonfinite,
             n_layers=n_layers, d_model=d_model, n_heads=n_heads, max_seq_len=max_seq_len, dropout=dropout,
+            conv_kernel=conv_kernel,
         )
 
     def loss_terms(self, x0: torch.Tensor, keys: torch.Tensor, stream: int,

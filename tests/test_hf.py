@@ -394,15 +394,15 @@ def test_importing_the_package_registers_nothing_and_re_import_is_safe():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("layout", ["kit", "mdlm"])
+@pytest.mark.parametrize("layout, conv", [("kit", 0), ("kit", 3), ("mdlm", 0)])
 @pytest.mark.parametrize("conditioned", [False, True])
-def test_save_and_load_are_exact_for_every_layout(layout, conditioned, tmp_path):
+def test_save_and_load_are_exact_for_every_layout(layout, conv, conditioned, tmp_path):
     """Random weights (every parameter non-zero) through save_pretrained / from_pretrained: the rotary tables,
     which the file does not hold, are rebuilt and nothing the file holds is re-initialized."""
     from mdlm_kit.models import DiTConfig
 
     dit = DiTConfig(vocab_size=11, n_layers=2, d_model=32, n_heads=2, cond_dim=16, max_seq_len=32,
-                    time_conditioning=conditioned, layout=layout)
+                    time_conditioning=conditioned, layout=layout, conv_kernel=conv)
     model = hf.MdlmKitForMaskedLM(hf.MdlmKitConfig(dit_config=dit.to_dict())).eval()
     torch.manual_seed(3)
     for p in model.parameters():

@@ -32,6 +32,28 @@ def test_attention_is_bidirectional_and_the_causal_variant_is_not():
     assert not torch.allclose(ar(x)[0, 9:], ar(y)[0, 9:])
 
 
+@pytest.mark.parametrize("kernel", [3, 4])
+def test_local_convolution_sees_its_window_and_the_causal_one_looks_back_only(kernel):
+    """conv_kernel: a one-layer model without attention's reach (every block but the convolution zeroed) changes
+    exactly at the positions whose window holds the changed token: i-1..i+1 for width 3 (i-1..i+2 for 4, the extra
+    position on the right); the causal convolution only at i..i+k-1, so the autoregressive factorization stays exact."""
+    torch.manual_seed(0)
+    cfg = DiTConfig(vocab_size=20, n_layers=1, d_model=32, n_heads=4, max_seq_len=16, conv_kernel=kernel)
+    x = torch.randint(0, 20, (1, 12))
+    y = x.clone()
+    y[0, 6] = (x[0, 6] + 1) % 20
+    for causal, window in ((False, range(6 - kernel // 2, 7 + (kernel - 1) // 2)), (True, range(6, 6 + kernel))):
+        model = _perturbed(DiT(cfg, causal=causal))
+        torch.nn.init.zeros_(model.blocks[0].attn.out.weight)  # no attention, no MLP: only the convolution mixes
+        torch.nn.init.zeros_(model.blocks[0].mlp.proj.weight)
+        changed = (model(x) - model(y)).abs().amax(-1)[0] > 1e-6
+        assert changed.nonzero().flatten().tolist() == list(window), (causal, changed)
+    # the full model: a causal one with the convolution is still blind to later tokens
+    ar = _perturbed(DiT(cfg, causal=True))
+    torch.testing.assert_close(ar(x)[0, :6], ar(y)[0, :6])
+    assert not torch.allclose(ar(x)[0, 6:], ar(y)[0, 6:])
+
+
 def test_rotary_makes_the_model_position_aware():
     torch.manual_seed(0)
     model = DiT(DiTConfig(vocab_size=20, n_layers=1, d_model=32, n_heads=2, max_seq_len=16)).eval()
@@ -82,6 +104,8 @@ def test_named_sizes():
         (dict(vocab_size=1), "vocab_size"),
         (dict(dropout=1.0), "dropout"),
         (dict(n_layers=0), "n_layers"),
+        (dict(conv_kernel=-1), "conv_kernel must be >= 0"),
+        (dict(conv_kernel=3, layout="mdlm"), "conv_kernel must be 0 with layout mdlm"),
     ],
 )
 def test_config_validation(kwargs, match):

@@ -27,6 +27,10 @@ class DiTConfig:
     dropout: float = 0.0
     time_conditioning: bool = False
     rope_base: float = 10000.0
+    # width of a depthwise convolution over positions in every block (0: none), a residual branch before attention:
+    # each position sees its neighbours' features from the first step (kit layout only; causal models look back
+    # only). Why: the unigram plateau of masked diffusion, BENCHMARKS.md
+    conv_kernel: int = 0
     # "kit": this toolkit's blocks (plain pre-norm when time-agnostic); "mdlm": the MDLM reference DiT's
     # exact layout (adaLN in every block even when time-agnostic, weight-only norms, sigma input), for
     # imported MDLM checkpoints
@@ -44,6 +48,10 @@ class DiTConfig:
             )
         if self.layout not in ("kit", "mdlm"):
             raise UserError(f"model: layout must be kit or mdlm, got {self.layout!r}")
+        if self.conv_kernel < 0:
+            raise UserError(f"model: conv_kernel must be >= 0 (0: no convolution), got {self.conv_kernel}")
+        if self.conv_kernel and self.layout == "mdlm":
+            raise UserError("model: conv_kernel must be 0 with layout mdlm (the MDLM reference DiT has no convolution)")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model: dropout must be in [0, 1), got {self.dropout}")
 

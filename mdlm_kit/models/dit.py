@@ -1,6 +1,6 @@
 """A bidirectional diffusion transformer in the style of MDLM's DiT, in build order.
 
-norm -> rotary -> time embedding -> attention -> MLP -> block -> final layer -> model.
+norm -> rotary -> time embedding -> local convolution -> attention -> MLP -> block -> final layer -> model.
 
 Layout follows MDLM's DiT (fused qkv without bias, GPT-NeoX rotary over the full
 head dimension, pre-norm blocks, GELU-tanh MLP with biases, adaLN
@@ -11,6 +11,8 @@ shift/scale/gate modulation from the time embedding). Two layouts
   optimal denoiser of masked diffusion does not need t) the blocks are plain
   pre-norm blocks with affine LayerNorms and no time embedding; time-conditioned
   models get adaLN, non-affine norms and a time embedding of the mask rate x 1000.
+  ``conv_kernel > 0`` adds a depthwise convolution over positions to every block
+  (``LocalConv``; the quickstart's recipes use width 3).
 - ``mdlm``: exactly the MDLM reference DiT (kuleshov-group/mdlm ``models/dit.py``),
   for its checkpoints (``mdlm_kit.models.mdlm_import``): weight-only LayerNorms,
   adaLN in every block and in the final layer, conditioned on MDLM's total noise
@@ -77,6 +79,28 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # (B, cond_dim)
 
 
+class LocalConv(nn.Module):
+    """A residual branch that mixes each channel over the ``conv_kernel`` nearest positions (depthwise Conv1d).
+
+    A masked position's input is the mask embedding: without this branch the model learns what its neighbours
+    hold only through attention, which must first learn where to look, from a gradient spread over the whole
+    sequence; until it has, the model predicts token frequencies (the unigram plateau: measured on the quickstart,
+    BENCHMARKS.md). With it every position sees its neighbours' features from the first step. Bidirectional models
+    look both ways (centred window); causal models look back only, so the autoregressive factorization stays exact.
+    """
+
+    def __init__(self, cfg: DiTConfig, causal: bool):
+        super().__init__()
+        k = cfg.conv_kernel
+        self.pad = (k - 1, 0) if causal else ((k - 1) // 2, k // 2)  # (left, right) zero padding
+        self.norm = layer_norm(cfg)
+        self.conv = nn.Conv1d(cfg.d_model, cfg.d_model, k, groups=cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (B, S, D) -> (B, S, D); position i mixes positions i - pad[0] .. i + pad[1]
+        return self.conv(F.pad(self.norm(x).transpose(1, 2), self.pad)).transpose(1, 2)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: DiTConfig, causal: bool):
         super().__init__()
@@ -120,8 +144,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.adaLN = nn.Linear(cfg.cond_dim, 6 * cfg.d_model) if cfg.adaptive else None
+        self.local = LocalConv(cfg, causal) if cfg.conv_kernel else None
 
     def forward(self, x: Tensor, rotary: Rotary, c: Tensor | None) -> Tensor:
+        if self.local is not None:
+            x = x + self.local(x)
         if self.adaLN is None:
             x = x + self.drop(self.attn(self.norm1(x), rotary))
             return x + self.drop(self.mlp(self.norm2(x)))
@@ -178,7 +205,7 @@ class DiT(nn.Module):
         after 200 steps.
         """
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+            if isinstance(m, (nn.Linear, nn.Embedding, nn.LayerNorm, nn.Conv1d)):
                 m.reset_parameters()
         # a zero output layer starts every prediction at the uniform distribution
         nn.init.zeros_(self.final.linear.weight)
