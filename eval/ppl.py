@@ -117,7 +117,8 @@ def perplexity(
     """Perplexity (bound) of a checkpoint, as the dict ``mdlm-kit ppl`` prints.
 
     Args:
-        checkpoint: a ``.ckpt`` written by ``mdlm-kit fit`` (masked diffusion or autoregressive).
+        checkpoint: a ``.ckpt`` written by ``mdlm-kit fit``, a folder written by ``mdlm-kit export``,
+            or a checkpoint of the MDLM reference code (masked diffusion or autoregressive).
         data: corpus to evaluate: ``shakespeare``, a .txt/.jsonl file or a folder, or a dataset by name, e.g.
             the zero-shot sets ``ptb``, ``wikitext2``, ``wikitext103``, ``lm1b``, ``lambada``, ``ag_news``,
             ``pubmed``, ``arxiv`` (Hugging Face datasets; ``--path`` for a local copy); default: the

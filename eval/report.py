@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 from mdlm_kit.checkpoint import load_checkpoint
 from mdlm_kit.eval.ppl import perplexity
@@ -19,7 +20,8 @@ def report(
     the same bound in nats per token.
 
     Args:
-        checkpoint: path to a ``.ckpt`` written by ``mdlm-kit fit``.
+        checkpoint: a ``.ckpt`` written by ``mdlm-kit fit``, a folder written by ``mdlm-kit export``,
+            or a checkpoint of the MDLM reference code.
         batch_size: evaluation batch size (the result does not depend on it).
         seed: seed of the evaluation's times and masks (and of the samples).
         num_samples: add this many samples from the first-hitting sampler (``samples``).
@@ -28,12 +30,15 @@ def report(
     model, dm = load_checkpoint(checkpoint, kind="diffusion")
     res = perplexity(checkpoint, batch_size=batch_size, seed=seed, progress=False)
     nats = res["nelbo"] * res["num_tokens"]
+    unigram = dm.unigram_entropy("val")
     out = {
         "val_nelbo": res["nelbo"],
         "ppl": res["ppl"],
         "stderr": res["stderr"],
         "ci95": res["ci95"],
-        "unigram_entropy": dm.unigram_entropy("val"),
+        "unigram_entropy": unigram,
+        # below 1: the model uses context; near 1: it has learned token frequencies only
+        "unigram_ratio": res["nelbo"] / unigram,
         "val_bpc": nats / math.log(2) / dm.val_num_chars,
         "val_tokens": res["num_tokens"],
         "val_chars": dm.val_num_chars,
@@ -41,6 +46,13 @@ def report(
         "params": model.backbone.num_parameters(),
         "checkpoint": str(checkpoint),
     }
+    # how far training got: a run cut by max_time or SIGTERM is no measure of the recipe
+    info = model.run_info or {"steps": None, "max_steps": None, "stopped_early": None, "stop_reason": None}
+    out.update(info)
+    if info["stopped_early"]:
+        of = f" of {info['max_steps']}" if info["max_steps"] else ""
+        print(f"mdlm-kit: warning: {checkpoint} is from step {info['steps']}{of}: {info['stop_reason']}; these "
+              "numbers are not those of the full run", file=sys.stderr)
     if num_samples > 0:
         from mdlm_kit.generate import generate_samples
 

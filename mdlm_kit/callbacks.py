@@ -20,10 +20,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, RichProgressBar, Timer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from mdlm_kit.checkpoint import RUN_KEY
 from mdlm_kit.utils import atomic_write, remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         remove_stale_temps(path)
         atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp), durable=True)
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar for runs counted in steps: the step against ``max_steps`` beside the
+    metrics, and "Epoch N" without the "/-2" Lightning prints when ``max_epochs`` is unbounded (-1)."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        if trainer.max_steps != -1:
+            items = {"step": f"{trainer.global_step}/{trainer.max_steps}", **items}
+        return items
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        # Lightning's (private) title of the training bar appends f"/{max_epochs - 1}" whenever max_epochs is set
+        title = f"Epoch {current_epoch}"
+        if self.trainer.max_epochs not in (None, -1):
+            title += f"/{self.trainer.max_epochs - 1}"
+        return f"{title:{len(self.validation_description)}}"
 
 
 def _checkpoint_callbacks(trainer: L.Trainer) -> list[ModelCheckpoint]:
@@ -123,6 +142,10 @@ class FinalCheckpoint(Checkpoint):
                                    and loop.epoch_progress.current.processed >= loop.max_epochs):
             self._save(trainer)
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # what `mdlm-kit report` needs to tell a finished run from one cut short
+        checkpoint[RUN_KEY] = {"max_steps": trainer.max_steps, "stop_reason": stop_reason(trainer, self._sigterm)}
+
     def _save(self, trainer: L.Trainer) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
@@ -132,6 +155,26 @@ class FinalCheckpoint(Checkpoint):
                 self._saved_before_validation.append((cb, trainer.global_step))
                 if trainer.is_global_zero:
                     log.info("saved %s at step %d", cb.last_model_path, trainer.global_step)
+
+
+def stop_reason(trainer: L.Trainer, sigterm: bool = False) -> str | None:
+    """Why the run stops before ``max_steps`` at the current step (``max_time``, SIGTERM, ``max_epochs``, a callback);
+    None when it has reached ``max_steps`` or goes on."""
+    step, max_steps = trainer.global_step, trainer.max_steps
+    if max_steps != -1 and step >= max_steps:
+        return None
+    timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+    remaining = timer.time_remaining("train") if timer is not None else None
+    if sigterm:
+        return "SIGTERM"
+    if remaining is not None and remaining <= 0:
+        return f"trainer.max_time reached after {timer.time_elapsed('train'):.0f} s of training"
+    max_epochs = trainer.max_epochs
+    if max_epochs not in (None, -1) and trainer.fit_loop.epoch_progress.current.processed >= max_epochs:
+        return f"max_epochs ({max_epochs}) reached"
+    if trainer.should_stop:
+        return "a callback stopped it (trainer.should_stop)"
+    return None
 
 
 def last_good_checkpoint(trainer: L.Trainer) -> tuple[str, int] | None:

@@ -18,6 +18,29 @@ def known_kwargs(cls, kwargs: dict) -> dict:
 EXPORT_MODEL_TYPE = "mdlm_kit"  # config.json's model_type in a folder written by `mdlm-kit export`
 
 
+RUN_KEY = "mdlm_kit_run"  # written into every .ckpt by callbacks.FinalCheckpoint: max_steps, why the run stopped
+
+
+def run_info(ckpt: dict) -> dict:
+    """How far the run that wrote a ``.ckpt`` got: ``steps``, ``max_steps``, ``stopped_early`` and ``stop_reason``.
+
+    A checkpoint written before ``max_steps`` is reported as stopped early: with the reason the run recorded
+    when it stopped (``max_time``, SIGTERM, ...), or as a checkpoint from the middle of a run. Checkpoints of
+    versions that did not record it give ``None`` for what they do not say.
+    """
+    steps = int(ckpt.get("global_step", 0))
+    record = ckpt.get(RUN_KEY)
+    if record is None:
+        return {"steps": steps, "max_steps": None, "stopped_early": None, "stop_reason": None}
+    max_steps = record.get("max_steps")
+    max_steps = None if max_steps in (None, -1) else int(max_steps)
+    reason = record.get("stop_reason")
+    if reason is None and max_steps is not None and steps < max_steps:
+        reason = (f"the checkpoint was written at step {steps} of {max_steps}, before the run ended (a checkpoint "
+                  "from the middle of the run, or the run was killed)")
+    return {"steps": steps, "max_steps": max_steps, "stopped_early": reason is not None, "stop_reason": reason}
+
+
 def is_export(path: str | Path) -> bool:
     """A folder written by ``mdlm-kit export`` (read without importing transformers)."""
     import json
@@ -81,6 +104,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", kind: str | Non
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit the model described in it ({str(e).splitlines()[0]})") from None
     model.eval()
+    model.run_info = run_info(ckpt)
     dm_hparams = dict(ckpt.get("datamodule_hyper_parameters", {}))
     if "separators" in dm_hparams and "packing" not in dm_hparams:  # checkpoints from before data.packing
         dm_hparams["packing"] = "stream" if dm_hparams.pop("separators") else "concat"

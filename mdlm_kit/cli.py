@@ -80,7 +80,7 @@ def _lightning_cli(argv: list[str] | None) -> None:
     import logging
 
     from jsonargparse import ArgumentError
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -88,6 +88,7 @@ def _lightning_cli(argv: list[str] | None) -> None:
     from mdlm_kit.callbacks import (
         AtomicCheckpointIO,
         FinalCheckpoint,
+        StepProgressBar,
         check_resume,
         read_checkpoint,
         resolve_last,
@@ -122,6 +123,9 @@ def _lightning_cli(argv: list[str] | None) -> None:
                     cb.save_last = True
             if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the user chose
                 trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            for i, cb in enumerate(trainer.callbacks):  # Lightning's default bar, not one the user chose
+                if type(cb) is RichProgressBar:
+                    trainer.callbacks[i] = StepProgressBar()
             if not any(isinstance(cb, FinalCheckpoint) for cb in trainer.callbacks):
                 trainer.callbacks.append(FinalCheckpoint())  # after ModelCheckpoint: it saves first when due
             if self.config[self.subcommand].trainer.logger in (None, True):
@@ -175,6 +179,12 @@ def _lightning_cli(argv: list[str] | None) -> None:
             self._place_outputs()
             self._preflight()
 
+        def after_fit(self) -> None:
+            if not self.trainer.is_global_zero:
+                return
+            for line in fit_summary(self.trainer, self.model, self.datamodule):
+                print(line, file=sys.stderr)
+
         def before_validate(self) -> None:
             self._place_outputs()
             self._preflight()
@@ -190,6 +200,51 @@ def _lightning_cli(argv: list[str] | None) -> None:
         parser_kwargs={"exit_on_error": False},
         auto_configure_optimizers=False,
     )
+
+
+# a bound this close to the unigram entropy means the model predicts token frequencies and ignores context
+UNIGRAM_WARN_RATIO = 0.97
+
+
+def fit_summary(trainer, model, datamodule) -> list[str]:
+    """The lines ``fit`` ends with: where ``last.ckpt`` is, the steps done (and why fewer than ``max_steps``), the
+    last validation loss next to the unigram entropy, and a warning when the model has not learned context."""
+    from mdlm_kit.callbacks import stop_reason
+
+    last = next((cb.last_model_path for cb in trainer.checkpoint_callbacks if getattr(cb, "last_model_path", "")),
+                None)
+    steps, max_steps = trainer.global_step, trainer.max_steps
+    of = f" of {max_steps}" if max_steps != -1 else ""
+    lines = []
+    reason = stop_reason(trainer)
+    if reason is not None:
+        lines.append(f"mdlm-kit: warning: training stopped early at step {steps}{of}: {reason}; the model has not "
+                     "had its full budget (resume with --ckpt_path last, or lift the limit)")
+    value = trainer.callback_metrics.get(f"val/{model.metric}")
+    unigram = None
+    if datamodule is not None and hasattr(datamodule, "unigram_entropy"):
+        try:
+            unigram = datamodule.unigram_entropy("val")
+        except UserError:  # a streamed validation split: no stored blocks to count
+            pass
+    where = f"last.ckpt at {last}" if last else "no checkpoint written"
+    if value is None:
+        lines.append(f"mdlm-kit: fit done: {where}, {steps}{of} steps; no validation ran")
+        return lines
+    value = float(value)
+    what = "NELBO" if model.metric == "nelbo" else "NLL"
+    ratio = f", {value / unigram:.3f} of the unigram entropy {unigram:.3f}" if unigram else ""
+    lines.append(f"mdlm-kit: fit done: {where}, {steps}{of} steps; validation {what} {value:.3f} nats/token{ratio}")
+    if unigram and value >= UNIGRAM_WARN_RATIO * unigram:
+        conv = getattr(getattr(model, "config", None), "conv_kernel", None)
+        fix = "train longer (trainer.max_steps)"
+        if conv == 0:
+            fix += " and give the model a local convolution (model.conv_kernel: 3)"
+        lines.append(
+            f"mdlm-kit: warning: the validation {what} is within {1 - UNIGRAM_WARN_RATIO:.0%} of the unigram entropy: "
+            f"the model predicts token frequencies and has not learned to use context yet; {fix}; "
+            "see BENCHMARKS.md (the unigram plateau)")
+    return lines
 
 
 def _report(argv: list[str]) -> None:

@@ -66,7 +66,8 @@ def generate(checkpoint: str, sampler: str = "fhs", num_samples: int = 4, length
     """Generate samples from a checkpoint; one JSON object per sample (``text``, ``tokens``, ...).
 
     Args:
-        checkpoint: a ``.ckpt`` written by ``mdlm-kit fit``.
+        checkpoint: a ``.ckpt`` written by ``mdlm-kit fit``, a folder written by ``mdlm-kit export``,
+            or a checkpoint of the MDLM reference code.
         sampler: ``fhs`` (first-hitting, exact, one network call per token), ``ancestral``,
             ``ancestral_cache``, ``semi_ar`` (blocks left to right, any length) or ``confidence``
             (MaskGIT/LLaDA-style, approximate).

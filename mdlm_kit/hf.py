@@ -362,7 +362,8 @@ def export(checkpoint: str, out: str, ema: bool = True, overwrite: bool = False)
     and renamed into place: ``out`` is never left half-written.
 
     Args:
-        checkpoint: a ``.ckpt`` written by ``mdlm-kit fit``, or a checkpoint of the MDLM reference code.
+        checkpoint: a ``.ckpt`` written by ``mdlm-kit fit``, a folder written by ``mdlm-kit export``,
+            or a checkpoint of the MDLM reference code.
         out: the folder to write (its parent must exist).
         ema: the EMA weights of a run trained with ``EMAWeightAveraging`` (the checkpoint's ``state_dict``,
             the weights every mdlm-kit command uses); ``false``: the trained weights Lightning saved beside

@@ -39,6 +39,7 @@ def trained(tmp_path_factory, cache_root):
         "--trainer.default_root_dir", str(out),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (out / "fit.stderr").write_text(proc.stderr)  # its closing lines are tested
     return out
 
 

@@ -27,6 +27,12 @@ def test_help_lists_the_commands():
     for cmd, option in (("ppl", "--num_t_samples"), ("genppl", "--scorer"), ("check-likelihood", "--source")):
         proc = run_cli(cmd, "--help")
         assert proc.returncode == 0 and option in proc.stdout, (cmd, proc.stderr[-2000:])
+    # every --checkpoint takes an export folder and an MDLM checkpoint too, and its help says so
+    for cmd in ("generate", "ppl", "report", "export"):
+        proc = run_cli(cmd, "--help")
+        text = " ".join(proc.stdout.split())
+        assert proc.returncode == 0 and "a folder written by mdlm-kit export" in text.replace("`", ""), (cmd, text)
+        assert "checkpoint of the MDLM reference code" in text, (cmd, text)
 
 
 def test_print_config_resolves_the_debug_recipe():

@@ -40,9 +40,86 @@ def test_report_beats_the_unigram_entropy_and_is_consistent(trained):
     assert rep["val_nelbo"] < rep["unigram_entropy"] - 3 * rep["stderr"]
     assert rep["val_bpc"] == pytest.approx(rep["val_nelbo"] * rep["val_tokens"] / math.log(2) / rep["val_chars"])
     assert rep["ppl"] == pytest.approx(math.exp(rep["val_nelbo"]))
+    assert rep["unigram_ratio"] == pytest.approx(rep["val_nelbo"] / rep["unigram_entropy"])
+    # the run went its full 300 steps (configs/debug.yaml)
+    assert (rep["steps"], rep["max_steps"], rep["stopped_early"], rep["stop_reason"]) == (300, 300, False, None)
+    assert "mdlm-kit: warning" not in proc.stderr
     lo, hi = rep["ci95"]
     assert lo == pytest.approx(math.exp(rep["val_nelbo"] - 1.96 * rep["stderr"]))
     assert lo < rep["ppl"] < hi and hi == pytest.approx(math.exp(rep["val_nelbo"] + 1.96 * rep["stderr"]))
+
+
+def test_fit_ends_with_where_the_checkpoint_is_and_how_far_it_got(trained):
+    lines = (trained / "fit.stderr").read_text().strip().splitlines()
+    last = trained / "checkpoints" / "last.ckpt"
+    done = [ln for ln in lines if ln.startswith("mdlm-kit: fit done:")]
+    assert len(done) == 1 and f"last.ckpt at {last}" in done[0] and "300 of 300 steps" in done[0], lines[-5:]
+    value = float(done[0].split("validation NELBO ")[1].split()[0])
+    assert value == pytest.approx(_val_curve(trained)[-1][1], abs=5e-4)
+    ratio, unigram = done[0].split("nats/token, ")[1].split(" of the unigram entropy ")
+    assert float(ratio) == pytest.approx(value / float(unigram), abs=2e-3) and float(ratio) < 0.97
+    assert not any("warning" in ln for ln in lines), lines  # it learned context: no plateau warning
+
+
+def test_a_fit_cut_by_max_time_says_so(tmp_path, cache_root):
+    """max_time stops the run long before max_steps: fit warns with the step and the reason, and the report's JSON
+    carries steps, max_steps, stopped_early and the reason (and warns too)."""
+    from helpers import CONFIGS, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", n_docs=3, lines=40)
+    out = tmp_path / "run"
+    proc = run_cli("fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(corpus),
+                   "--trainer.default_root_dir", str(out), "--trainer.max_steps", "100000",
+                   "--trainer.max_time", "00:00:00:03")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    cut = [ln for ln in lines if "training stopped early" in ln]
+    assert len(cut) == 1 and "of 100000: trainer.max_time reached after" in cut[0], lines[-5:]
+    steps = int(cut[0].split("early at step ")[1].split()[0])
+    assert 0 < steps < 100000
+    assert any(ln.startswith("mdlm-kit: fit done:") and f"{steps} of 100000 steps" in ln for ln in lines)
+    proc = run_cli("report", "--checkpoint", str(out / "checkpoints" / "last.ckpt"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (rep["steps"], rep["max_steps"], rep["stopped_early"]) == (steps, 100000, True)
+    assert rep["stop_reason"].startswith("trainer.max_time reached after")
+    assert f"is from step {steps} of 100000: trainer.max_time reached" in proc.stderr
+
+
+def test_fit_warns_when_the_bound_is_still_at_the_unigram_entropy(tmp_path, cache_root):
+    """Two steps learn nothing: the closing lines say the model has not learned context and what to change."""
+    from helpers import CONFIGS, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", n_docs=3, lines=40)
+    proc = run_cli("fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(corpus),
+                   "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", "2",
+                   "--trainer.val_check_interval", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    done = next(ln for ln in lines if ln.startswith("mdlm-kit: fit done:"))
+    assert "2 of 2 steps" in done and float(done.split("nats/token, ")[1].split()[0]) >= 0.97
+    assert "training stopped early" not in proc.stderr
+    assert lines[-1].startswith("mdlm-kit: warning: the validation NELBO is within 3% of the unigram entropy")
+    assert "has not learned to use context" in lines[-1] and "trainer.max_steps" in lines[-1]
+    assert "model.conv_kernel: 3" in lines[-1]  # the debug recipe has no local convolution: the fix is named
+
+
+def test_progress_bar_counts_steps_not_epochs():
+    """Lightning's bar titles a step-limited run "Epoch 0/-2" (max_epochs = -1); the CLI's shows "Epoch 0" and
+    the step against max_steps."""
+    import lightning as L
+
+    from mdlm_kit.callbacks import StepProgressBar
+    from mdlm_kit.lightning import MaskedDiffusionLM
+
+    model = MaskedDiffusionLM(vocab_size=11, size="debug")
+    bar = StepProgressBar()
+    trainer = L.Trainer(callbacks=[bar], logger=False, enable_checkpointing=False, max_steps=500)
+    bar.setup(trainer, model, "fit")
+    assert bar.get_metrics(trainer, model)["step"] == "0/500"
+    for max_epochs, title in ((-1, "Epoch 0"), (None, "Epoch 0"), (3, "Epoch 0/2")):
+        trainer.fit_loop.max_epochs = max_epochs  # -1 in a running step-limited fit
+        assert bar._get_train_description(0).strip() == title
 
 
 def test_checkpoint_holds_ema_weights_and_the_tokenizer(trained):
