@@ -13,6 +13,7 @@ import math
 import time
 
 import lightning as L
+import numpy as np
 import torch
 from torchmetrics import SumMetric
 
@@ -154,8 +155,32 @@ class LanguageModel(L.LightningModule):
             self._skips = 0
 
     def setup(self, stage: str) -> None:
-        self.check_data(getattr(self.trainer, "datamodule", None) if self._trainer is not None else None)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        self.check_data(dm)
+        if stage == "fit" and self.hparams.get("unigram_bias") and dm is not None:
+            self.init_unigram_bias(dm)  # a resumed run's checkpoint and init_from's weights replace it
         self.load_init_weights()
+
+    def init_unigram_bias(self, dm) -> None:
+        """Set the output layer's bias to the log frequencies of the training split's tokens (add-1/2
+        smoothed; the mask's column, which the SUBS parameterization never uses, at 0), so that the
+        model predicts the unigram distribution from step 0. Learning the frequencies through the
+        zero-initialized output layer otherwise takes a direction of every masked position's features,
+        on which the model can sit for hundreds of steps before it uses context (BENCHMARKS.md)."""
+        if not hasattr(dm, "token_counts"):
+            raise UserError("model.unigram_bias needs a data module with token_counts() (the kit's TextDataModule)")
+        try:
+            counts = dm.token_counts("train")
+        except UserError as err:
+            raise UserError(f"model.unigram_bias counts the training split's tokens: {err}") from None
+        bias = self.backbone.final.linear.bias
+        if bias is None or counts.shape[0] != bias.shape[0]:
+            raise UserError("model.unigram_bias needs an output layer with a bias over the data's vocabulary")
+        freq = (counts.astype(np.float64) + 0.5) / (counts.sum() + 0.5 * counts.shape[0])
+        log_freq = torch.from_numpy(np.log(freq))
+        log_freq[self.mask_id] = 0.0
+        with torch.no_grad():
+            bias.copy_(log_freq.to(bias))
 
     def load_init_weights(self, resuming: bool = False) -> None:
         """Start from the weights of ``init_from`` (an mdlm-kit ``.ckpt``, an ``mdlm-kit export`` folder or an
@@ -325,6 +350,9 @@ class MaskedDiffusionLM(LanguageModel):
             good checkpoint, or ``skip``s the step (the run still stops after 10 in a row).
         init_from: start from these weights: an mdlm-kit ``.ckpt``, an ``mdlm-kit export`` folder or an MDLM
             reference checkpoint, of the same architecture (fine-tuning; ``validate`` on an export).
+        unigram_bias: start the output layer's bias at the log token frequencies of the training split
+            (``fit`` only; not when resuming or with ``init_from``): the model predicts the unigram
+            distribution from step 0 and starts on context at once (BENCHMARKS.md, the unigram plateau).
     """
 
     kind = "diffusion"
@@ -359,6 +387,7 @@ class MaskedDiffusionLM(LanguageModel):
         fused_adamw: bool | None = None,
         on_nonfinite: str = "stop",
         init_from: str | None = None,
+        unigram_bias: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()

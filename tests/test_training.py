@@ -208,3 +208,58 @@ def test_bf16_mixed_precision_with_clipping_trains(tmp_path, cache_root):
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = run_cli(*common, "--model.fused_adamw", "true", "--trainer.default_root_dir", str(tmp_path / "b"))
     assert proc.returncode == 2 and "cannot be combined with mixed precision" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_unigram_bias_starts_the_model_at_the_training_frequencies(tmp_path):
+    """model.unigram_bias: before any step the model predicts the training split's smoothed token
+    frequencies at every masked position, so its loss starts at the unigram cross-entropy, not log V."""
+    import numpy as np
+
+    from helpers import write_corpus
+    from mdlm_kit.data import TextDataModule
+    from mdlm_kit.lightning import MaskedDiffusionLM
+    from mdlm_kit.objective import subs_log_probs
+
+    corpus = write_corpus(tmp_path / "corpus", n_docs=3, lines=40)
+    dm = TextDataModule(corpus=str(corpus), tokenizer="char", seq_len=32, val_fraction=0.2)
+    model = MaskedDiffusionLM(vocab_size=dm.model_vocab_size, size="debug", unigram_bias=True)
+    model.init_unigram_bias(dm)
+    blocks = dm.blocks("train")
+    lens = blocks.lengths(slice(0, len(blocks)))
+    ids = np.concatenate([b[:n] for b, n in zip(blocks[0 : len(blocks)], lens)])
+    counts = np.bincount(ids, minlength=dm.model_vocab_size)  # counted here, independently of token_counts
+    assert counts[dm.mask_id] == 0
+    expected = np.log((counts + 0.5) / (counts + 0.5)[: dm.mask_id].sum())[: dm.mask_id]
+    z = torch.full((1, 32), dm.mask_id)
+    logp = subs_log_probs(model.backbone(z), dm.mask_id)[0].double()  # (L, V), the mask column at -inf
+    assert torch.allclose(logp[:, : dm.mask_id], torch.from_numpy(expected).expand(32, -1), atol=1e-5)
+    # the masked-token loss of the fresh model is the unigram cross-entropy of the training tokens
+    p = counts[: dm.mask_id] / counts.sum()
+    ce = -(p[p > 0] * expected[p > 0]).sum()
+    x0 = torch.from_numpy(ids[: 32 * 8].reshape(8, 32).astype(np.int64))
+    nll = -subs_log_probs(model.backbone(torch.full_like(x0, dm.mask_id)), dm.mask_id).gather(-1, x0[..., None])
+    assert abs(nll.double().mean().item() - ce) < 0.25  # 256 tokens of a 3-document corpus
+    assert ce < math.log(dm.model_vocab_size - 1) - 0.3  # and far below the zero-initialized model's log V
+    fresh = MaskedDiffusionLM(vocab_size=dm.model_vocab_size, size="debug")
+    assert torch.count_nonzero(fresh.backbone.final.linear.bias) == 0
+
+
+def test_fit_with_unigram_bias_keeps_it_in_the_checkpoint(tmp_path, cache_root):
+    """The bias is set when fit starts (after the data is read): after one step at a negligible learning rate
+    the checkpoint holds the log frequencies of the training tokens."""
+    import numpy as np
+
+    from helpers import CONFIGS, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", n_docs=3, lines=40)
+    out = tmp_path / "run"
+    proc = run_cli("fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(corpus),
+                   "--trainer.default_root_dir", str(out), "--trainer.max_steps", "1", "--model.lr", "1e-9",
+                   "--trainer.val_check_interval", "1", "--model.unigram_bias", "true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model, dm = load_checkpoint(str(out / "checkpoints" / "last.ckpt"))
+    counts = dm.token_counts("train").astype(np.float64)
+    expected = torch.from_numpy(np.log((counts + 0.5) / (counts + 0.5).sum())).float()
+    expected[dm.mask_id] = 0.0
+    assert model.hparams.unigram_bias is True
+    assert torch.allclose(model.backbone.final.linear.bias, expected, atol=1e-5)

@@ -427,15 +427,21 @@ class TextDataModule(L.LightningDataModule):
             self._val_chars = total
         return self._val_chars
 
-    def unigram_entropy(self, split: str = "val") -> float:
-        """Entropy (nats/token) of the split's own token frequencies: the best a model that learned
-        nothing beyond token frequencies could score on it."""
+    def token_counts(self, split: str = "train") -> np.ndarray:
+        """How often each id of the model's vocabulary (mask included, never counted) occurs in the split's
+        real tokens (BOS/EOS included, padding not): (model_vocab_size,) int64."""
         blocks = self.blocks(split)
         counts = np.zeros(self.model_vocab_size, dtype=np.int64)
         for lo in range(0, len(blocks), 4096):
             chunk, lens = blocks[lo : lo + 4096], blocks.lengths(slice(lo, lo + 4096))
             real = np.arange(blocks.seq_len)[None, :] < lens[:, None]
             counts += np.bincount(chunk[real], minlength=len(counts))
+        return counts
+
+    def unigram_entropy(self, split: str = "val") -> float:
+        """Entropy (nats/token) of the split's own token frequencies: the best a model that learned
+        nothing beyond token frequencies could score on it."""
+        counts = self.token_counts(split)
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())
 
