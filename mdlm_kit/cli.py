@@ -237,9 +237,12 @@ def fit_summary(trainer, model, datamodule) -> list[str]:
     lines.append(f"mdlm-kit: fit done: {where}, {steps}{of} steps; validation {what} {value:.3f} nats/token{ratio}")
     if unigram and value >= UNIGRAM_WARN_RATIO * unigram:
         conv = getattr(getattr(model, "config", None), "conv_kernel", None)
-        fix = "train longer (trainer.max_steps)"
+        missing = []
+        if model.hparams.get("unigram_bias") is False:
+            missing.append("start the output bias at the token frequencies (model.unigram_bias: true)")
         if conv == 0:
-            fix += " and give the model a local convolution (model.conv_kernel: 3)"
+            missing.append("give the model a local convolution (model.conv_kernel: 3)")
+        fix = "train longer (trainer.max_steps)" + "".join(f" and {m}" for m in missing)
         lines.append(
             f"mdlm-kit: warning: the validation {what} is within {1 - UNIGRAM_WARN_RATIO:.0%} of the unigram entropy: "
             f"the model predicts token frequencies and has not learned to use context yet; {fix}; "

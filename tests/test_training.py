@@ -102,6 +102,7 @@ def test_fit_warns_when_the_bound_is_still_at_the_unigram_entropy(tmp_path, cach
     assert lines[-1].startswith("mdlm-kit: warning: the validation NELBO is within 3% of the unigram entropy")
     assert "has not learned to use context" in lines[-1] and "trainer.max_steps" in lines[-1]
     assert "model.conv_kernel: 3" in lines[-1]  # the debug recipe has no local convolution: the fix is named
+    assert "model.unigram_bias: true" in lines[-1]  # nor the unigram bias
 
 
 def test_progress_bar_counts_steps_not_epochs():
