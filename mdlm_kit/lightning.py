@@ -157,8 +157,8 @@ class LanguageModel(L.LightningModule):
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         self.check_data(dm)
-        if stage == "fit" and self.hparams.get("unigram_bias") and dm is not None:
-            self.init_unigram_bias(dm)  # a resumed run's checkpoint and init_from's weights replace it
+        if stage == "fit" and self.hparams.get("unigram_bias") and dm is not None and not self.hparams.get("init_from"):
+            self.init_unigram_bias(dm)  # a resumed run's checkpoint replaces it; init_from's weights would too
         self.load_init_weights()
 
     def init_unigram_bias(self, dm) -> None:
