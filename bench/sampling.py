@@ -31,7 +31,7 @@ def main() -> None:
     args = p.parse_args()
 
     if args.checkpoint:
-        from mdlm_kit.checkpoint import load_checkpoint
+        from mdlm_kit.io import load_checkpoint
 
         model, _ = load_checkpoint(args.checkpoint, kind="diffusion")
         backbone, schedule, mask_id = model.backbone, model.schedule, model.mask_id

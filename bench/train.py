@@ -9,7 +9,7 @@ and masks (the toolkit's counter-based noise) and the same AdamW:
   ``F.cross_entropy`` on all positions, multiplied by the mask and the NELBO weight (how the
   reference implementations compute the loss);
 - toolkit: ``mdlm_kit.objective.nelbo`` with the masked-only head and the fused weighted
-  cross-entropy (``masked_only=True``).
+  cross-entropy (``nelbo(model.features, ..., head=model.head)``).
 
 Each runs in its own process (``--worker``) so that peak memory is its own: resident set size
 (``ru_maxrss``) on CPU, ``torch.cuda.max_memory_allocated`` on GPU. ``mfu`` is the achieved model
@@ -49,7 +49,7 @@ def reference_loss(model, x0, t, u, schedule, mask_id):
 
 
 def toolkit_loss(model, x0, t, u, schedule, mask_id):
-    return nelbo(model, x0, t, u, schedule, mask_id, masked_only=True).per_token()
+    return nelbo(model.features, x0, t, u, schedule, mask_id, head=model.head).per_token()
 
 
 def step_flops(cfg: DiTConfig, batch: int, seq_len: int, masked_rows: float) -> float:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mdlm_kit.kernels import Kernel, use_kernel
+
 
 def weighted_ce_rows_reference(logits: Tensor, targets: Tensor, row_weights: Tensor, ignore_index: int,
                                write_grad: bool) -> Tensor:
@@ -113,15 +115,15 @@ def weighted_ce_rows_triton(logits: Tensor, targets: Tensor, row_weights: Tensor
     return nll
 
 
-def _rows_step(use_kernel: bool):
-    return weighted_ce_rows_triton if use_kernel else weighted_ce_rows_reference
+def _rows_step(triton_rows: bool):
+    return weighted_ce_rows_triton if triton_rows else weighted_ce_rows_reference
 
 
 class _FusedLinearWeightedCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, row_weights, ignore_index, chunk_rows, use_kernel, needs_grad):
+    def forward(ctx, h, weight, bias, targets, row_weights, ignore_index, chunk_rows, kernel_rows, needs_grad):
         n_rows = h.shape[0]
-        step = _rows_step(use_kernel)
+        step = _rows_step(kernel_rows)
         nll = torch.empty(n_rows, dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if needs_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if needs_grad else None
@@ -163,7 +165,7 @@ class _FusedLinearWeightedCE(torch.autograd.Function):
 
 def weighted_linear_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                                   row_weights: Tensor, ignore_index: int, chunk_rows: int | None = None,
-                                  kernel: str = "auto") -> tuple[Tensor, Tensor]:
+                                  kernel: Kernel = "auto") -> tuple[Tensor, Tensor]:
     """sum_i w_i CE(h_i W^T + b, y_i) with the ``ignore_index`` column excluded, chunk by chunk.
 
     Args:
@@ -180,8 +182,7 @@ def weighted_linear_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor | None
     """
     V = weight.shape[0]
     chunk_rows = chunk_rows or max(1, (1 << 24) // V)
-    use_kernel = kernel == "always" or (kernel == "auto" and h.is_cuda and triton is not None)
     # ctx.needs_input_grad ignores torch.no_grad(): decide here, so evaluation computes no gradients
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))
     return _FusedLinearWeightedCE.apply(h, weight, bias, targets, row_weights, ignore_index, chunk_rows,
-                                        use_kernel, needs_grad)
+                                        use_kernel(kernel, h), needs_grad)

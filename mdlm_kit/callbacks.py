@@ -24,10 +24,11 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, RichProgres
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mdlm_kit.checkpoint import RUN_KEY
+from mdlm_kit.errors import UserError
 from mdlm_kit.utils import atomic_write, remove_stale_temps
 
 log = logging.getLogger(__name__)
+RUN_KEY = "mdlm_kit_run"  # written into every .ckpt by FinalCheckpoint: max_steps, why the run stopped
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -57,12 +58,16 @@ class StepProgressBar(RichProgressBar):
             items = {"step": f"{trainer.global_step}/{trainer.max_steps}", **items}
         return items
 
-    def _get_train_description(self, current_epoch: int) -> str:
-        # Lightning's (private) title of the training bar appends f"/{max_epochs - 1}" whenever max_epochs is set
-        title = f"Epoch {current_epoch}"
-        if self.trainer.max_epochs not in (None, -1):
-            title += f"/{self.trainer.max_epochs - 1}"
-        return f"{title:{len(self.validation_description)}}"
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self.retitle(trainer)
+
+    def retitle(self, trainer: L.Trainer) -> None:
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            title = f"Epoch {trainer.current_epoch}"  # Lightning's title reads "Epoch 0/-2" when max_epochs is -1
+            if trainer.max_epochs not in (None, -1):
+                title += f"/{trainer.max_epochs - 1}"
+            self.progress.update(self.train_progress_bar_id, description=title)
 
 
 def _checkpoint_callbacks(trainer: L.Trainer) -> list[ModelCheckpoint]:
@@ -86,15 +91,14 @@ class FinalCheckpoint(Checkpoint):
       and, with several processes, broadcasts from inside the signal handler (a collective mismatch). The
       signal is only noted; the processes agree on it at the next optimizer step's end, save, and stop with
       Lightning's ``SIGTERMException`` (``mdlm-kit fit`` exits with status 143).
-    - A save at the step that ends the run must not stop ``ModelCheckpoint`` from saving at that step's
-      validation (it skips steps already saved): its validation-end save is run again after ours.
+    - The save goes through ``trainer.save_checkpoint`` into the path ``ModelCheckpoint`` names its last
+      checkpoint, without touching that callback's own state, so it still makes the saves it owes that step.
     """
 
     def __init__(self) -> None:
         self._sigterm = False
         self._held_stop = False
         self._previous_handler = None
-        self._saved_before_validation: list[tuple[ModelCheckpoint, int]] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -117,7 +121,7 @@ class FinalCheckpoint(Checkpoint):
         stopping, sigterm = flags[0] > 0, flags[1] > 0
         if not (stopping or sigterm):
             return
-        if loop.epoch_loop._should_accumulate():  # mid-window: finish the window first
+        if mid_window(trainer):  # finish the window first
             if trainer.should_stop:
                 trainer.should_stop, self._held_stop = False, True
             return
@@ -126,15 +130,6 @@ class FinalCheckpoint(Checkpoint):
         self._save(trainer)
         if sigterm and not max_steps:
             raise SIGTERMException()
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for cb, step in self._saved_before_validation:
-            if step == trainer.global_step and cb._last_global_step_saved == step:
-                cb._last_global_step_saved = -1  # as if this step were not saved: its own logic decides
-                cb.on_validation_end(trainer, pl_module)
-                if cb._last_global_step_saved == -1:
-                    cb._last_global_step_saved = step
-        self._saved_before_validation = []
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loop = trainer.fit_loop
@@ -150,11 +145,18 @@ class FinalCheckpoint(Checkpoint):
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
         for cb in _checkpoint_callbacks(trainer):
-            if cb._last_global_step_saved != trainer.global_step or not cb.last_model_path:
-                cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
-                self._saved_before_validation.append((cb, trainer.global_step))
-                if trainer.is_global_zero:
-                    log.info("saved %s at step %d", cb.last_model_path, trainer.global_step)
+            path = cb.format_checkpoint_name({}, cb.CHECKPOINT_NAME_LAST)
+            cb.last_model_path = path  # before the save: it is part of the state saved
+            trainer.save_checkpoint(path)
+            if trainer.is_global_zero:
+                log.info("saved %s at step %d", path, trainer.global_step)
+
+
+def mid_window(trainer: L.Trainer) -> bool:
+    """Whether the batch just trained is inside a gradient-accumulation window (no optimizer step after it)."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    final = progress.is_last_batch or progress.current.ready == trainer.num_training_batches
+    return progress.current.ready % trainer.accumulate_grad_batches != 0 and not final
 
 
 def stop_reason(trainer: L.Trainer, sigterm: bool = False) -> str | None:
@@ -177,84 +179,66 @@ def stop_reason(trainer: L.Trainer, sigterm: bool = False) -> str | None:
     return None
 
 
-def last_good_checkpoint(trainer: L.Trainer) -> tuple[str, int] | None:
-    """(path, step) of the newest checkpoint this run wrote, if any."""
-    best = None
-    for cb in trainer.checkpoint_callbacks:
-        if isinstance(cb, ModelCheckpoint) and cb._last_checkpoint_saved:
-            if best is None or cb._last_global_step_saved > best[1]:
-                path = cb.last_model_path or cb._last_checkpoint_saved
-                best = (path, cb._last_global_step_saved)
-    return best
-
-
-def resolve_last(dirpaths: list[str]) -> Path | None:
-    """The checkpoint ``--ckpt_path last`` resumes: the newest ``last*.ckpt`` in the checkpoint folders, as
-    Lightning picks it (None if there is none; Lightning then starts afresh)."""
-    found = [p for d in dirpaths if Path(d).is_dir() for p in Path(d).glob("last*.ckpt")]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
-
-
-def unreadable_checkpoint(path: str | Path, e: Exception) -> Exception:
-    from mdlm_kit.errors import UserError
-
-    reason = str(e).strip().splitlines()[0].split(". ")[0][:120] if str(e).strip() else type(e).__name__
-    return UserError(f"--ckpt_path {path} is truncated or corrupt ({reason}); resume from another checkpoint "
-                     "(the step checkpoints beside it) or start afresh without --ckpt_path")
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """A checkpoint as Lightning reads it (``weights_only``), memory-mapped where the file system allows (cheap
-    for any size); a UserError if it is truncated or corrupt."""
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:
-        pass  # some file systems cannot map files: read it whole before calling it broken
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise unreadable_checkpoint(path, e) from None
-
-
-def check_resume(path: str | Path, model: L.LightningModule, training: bool = True) -> None:
-    """Fail with one line, before anything is written, if a run cannot start from ``path``.
-
-    A missing, truncated or corrupt file, one of another model (another vocabulary, size or kind) is
-    refused, and for training (``fit``) one written with weights only. A sharded checkpoint (a folder,
-    FSDP2's distributed format) is left to Lightning.
+class NonFiniteGuard(L.Callback):
+    """A non-finite loss or gradient stops the run before the optimizer step, with one line naming the step
+    and the last good checkpoint, and nothing is saved after it (``ModelCheckpoint(save_on_exception)``
+    included); with ``model.on_nonfinite: skip`` the step is skipped instead (no update; logged as
+    ``train/skipped_steps``), and 10 such steps in a row still stop the run. Under 16-bit mixed precision
+    the gradient scaler skips overflowing steps itself. The LightningModule keeps its last training loss
+    as ``last_loss``; every process reaches the same decision (the gradients are all-reduced, the flags too).
     """
-    from mdlm_kit.errors import UserError
 
-    path = Path(path).expanduser()
-    if path.is_dir() and ((path / ".metadata").is_file() or (path / "meta.pt").is_file()):
-        return
-    from mdlm_kit.checkpoint import is_export
+    def __init__(self, max_consecutive: int = 10) -> None:
+        self.max_consecutive = max_consecutive
+        self.skips = 0
+        self.saved: tuple[str, int] | None = None
 
-    if is_export(path):
-        raise UserError(f"--ckpt_path {path} is a model folder (an export), not a training checkpoint; start from "
-                        f"its weights with --model.init_from {path}")
-    if not path.is_file():
-        raise UserError(f"--ckpt_path {path}: no such checkpoint; give a .ckpt file, or 'last' to resume from the "
-                        "newest last.ckpt of trainer.default_root_dir")
-    ckpt = read_checkpoint(path)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise UserError(f"--ckpt_path {path} is not a Lightning training checkpoint (no state_dict)")
-    if training and ("optimizer_states" not in ckpt or "loops" not in ckpt):
-        raise UserError(f"--ckpt_path {path} holds weights only (no optimizer or loop state) and cannot resume "
-                        "training; use it with generate or ppl")
-    kind = ckpt.get("mdlm_kit_model")
-    if kind is not None and kind != getattr(model, "kind", kind):
-        raise UserError(f"--ckpt_path {path} holds a {kind} model; this run trains a {model.kind} model "
-                        "(set model.class_path as in the run that wrote it)")
-    ours = model.state_dict()
-    theirs = ckpt["state_dict"]
-    embed = "backbone.embed.weight"
-    if embed in ours and embed in theirs and ours[embed].shape[0] != theirs[embed].shape[0]:
-        raise UserError(f"--ckpt_path {path} was trained with a vocabulary of {theirs[embed].shape[0]} ids (with "
-                        f"the mask), this run's data gives {ours[embed].shape[0]}: resume with the corpus and "
-                        "tokenizer of the run that wrote it")
-    for name, value in ours.items():
-        if name not in theirs or tuple(theirs[name].shape) != tuple(value.shape):
-            have = "missing" if name not in theirs else f"shape {tuple(theirs[name].shape)}"
-            raise UserError(f"--ckpt_path {path} holds another model ({name}: {have} in the checkpoint, "
-                            f"{tuple(value.shape)} here): resume with the model settings of the run that wrote it")
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.saved = (None, trainer.global_step)  # the step of the newest checkpoint this run wrote
+
+    def last_good(self, trainer: L.Trainer) -> tuple[str, int] | None:
+        if self.saved is None:
+            return None
+        paths = [Path(p) for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
+                 for p in (cb.last_model_path, cb.best_model_path) if p and Path(p).is_file()]
+        return (str(max(paths, key=lambda p: p.stat().st_mtime)), self.saved[1]) if paths else None
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: each rank's shard
+        loss = getattr(pl_module, "last_loss", None)
+        flags = torch.stack([
+            (~torch.isfinite(loss)).float() if loss is not None else torch.zeros((), device=pl_module.device),
+            (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float() if grads else
+            torch.zeros((), device=pl_module.device),
+        ])
+        local_loss = bool(flags[0])  # the one host synchronization of the check
+        if trainer.world_size > 1:
+            flags = trainer.strategy.reduce(flags, reduce_op="sum")
+        if not bool(flags.sum() > 0):
+            self.skips = 0
+            return
+        what = (f"training loss ({float(loss)})" if local_loss else "training loss (in another process)"
+                if flags[0] > 0 else "gradient")
+        step = trainer.global_step
+        self.skips += 1
+        action = pl_module.hparams.get("on_nonfinite", "stop")
+        if action == "skip" and self.skips <= self.max_consecutive:
+            if trainer.is_global_zero:
+                log.warning("non-finite %s at step %d: step skipped (model.on_nonfinite: skip)", what, step)
+            pl_module.log("train/skipped_steps", float(self.skips), reduce_fx="max")
+            for p in pl_module.parameters():  # AdamW leaves parameters without a gradient untouched
+                p.grad = None
+            return
+        for cb in trainer.checkpoint_callbacks:  # nothing is saved past this point
+            if isinstance(cb, ModelCheckpoint):
+                cb.save_on_exception = False
+        saved = self.last_good(trainer)
+        kept = f"the last good checkpoint is {saved[0]} (step {saved[1]})" if saved else "no checkpoint was written"
+        fix = ("lower model.lr or set trainer.gradient_clip_val, then resume with --ckpt_path last; or set "
+               "model.on_nonfinite: skip to skip such steps" if action == "stop" else
+               f"{self.skips} steps in a row were non-finite, so the weights are broken: resume from it with a "
+               "lower model.lr")
+        raise UserError(f"non-finite {what} at step {step}; training stopped without saving; {kept}; {fix}")

@@ -14,7 +14,9 @@ Mistakes a user can make (bad paths, bad values, unknown keys) print one
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -79,26 +81,20 @@ def _quiet_lightning() -> None:
 def _lightning_cli(argv: list[str] | None) -> None:
     import logging
 
-    from jsonargparse import ArgumentError
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, RichProgressBar
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    from mdlm_kit.callbacks import (
-        AtomicCheckpointIO,
-        FinalCheckpoint,
-        StepProgressBar,
-        check_resume,
-        read_checkpoint,
-        resolve_last,
-    )
-    from mdlm_kit.checkpoint import known_kwargs
+    from mdlm_kit.callbacks import AtomicCheckpointIO, FinalCheckpoint, NonFiniteGuard, StepProgressBar
     from mdlm_kit.data import TextDataModule
+    from mdlm_kit.io import InitWeights
+    from mdlm_kit.io.ckpt import check_resume, known_kwargs, read_checkpoint, resolve_last
     from mdlm_kit.lightning import MODELS, LanguageModel
+    from mdlm_kit.lightning_gaps import CheckpointHparamsCLI
     from mdlm_kit.utils import check_writable_folder
 
-    class MdlmCLI(LightningCLI):
+    class MdlmCLI(CheckpointHparamsCLI):
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
             full = LightningCLI.subcommands()
@@ -111,6 +107,10 @@ def _lightning_cli(argv: list[str] | None) -> None:
             # number of processes) and resumes mid-epoch; Lightning's DistributedSampler would do neither
             parser.set_defaults({"trainer.use_distributed_sampler": False})
             parser.link_arguments("data.model_vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+            parser.add_argument("--checkpoint", type=str | None, default=None,
+                                help="start from these weights (an mdlm-kit .ckpt, an export folder or an MDLM "
+                                "checkpoint) of the same architecture: fine-tuning, or validating an export; "
+                                "--ckpt_path resumes a run instead")
 
         def _place_outputs(self) -> None:
             """Checkpoints in DIR/checkpoints (last.ckpt always, written atomically, also at the end of the run
@@ -126,54 +126,60 @@ def _lightning_cli(argv: list[str] | None) -> None:
             for i, cb in enumerate(trainer.callbacks):  # Lightning's default bar, not one the user chose
                 if type(cb) is RichProgressBar:
                     trainer.callbacks[i] = StepProgressBar()
+            if not any(isinstance(cb, NonFiniteGuard) for cb in trainer.callbacks):
+                # after every callback that touches gradients (its check must see what the optimizer will),
+                # before the checkpoint callbacks (Lightning runs those last)
+                at = next((i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, Checkpoint)),
+                          len(trainer.callbacks))
+                trainer.callbacks.insert(at, NonFiniteGuard())
             if not any(isinstance(cb, FinalCheckpoint) for cb in trainer.callbacks):
                 trainer.callbacks.append(FinalCheckpoint())  # after ModelCheckpoint: it saves first when due
+            cfg = self.config[self.subcommand]
+            if cfg.get("checkpoint") and self.resume_path() is None:  # a resumed run's own weights win
+                trainer.callbacks.insert(0, InitWeights(cfg.checkpoint))
             if self.config[self.subcommand].trainer.logger in (None, True):
-                tb = TensorBoardLogger(str(root), name="tensorboard", default_hp_metric=False)
-                trainer.loggers = [CSVLogger(str(root), name="csv"), tb]
+                trainer.loggers = [CSVLogger(str(root), name="csv")]
+                if importlib.util.find_spec("tensorboard") is not None:  # the [tensorboard] extra
+                    trainer.loggers.append(TensorBoardLogger(str(root), name="tensorboard", default_hp_metric=False))
 
-        def _parse_ckpt_path(self) -> None:
-            """LightningCLI's: the model settings of ``--ckpt_path`` override the config's. Here a broken file
-            is one line, not a traceback, and settings this version does not know (a checkpoint of another
-            version) are dropped with a warning rather than failing the constructor."""
-            subcommand = self.config.get("subcommand")
-            path = self.config[subcommand].get("ckpt_path") if subcommand else None
-            if not path or not Path(path).is_file():
-                return
+        def checkpoint_hparams(self, path: str) -> dict | None:
+            """The model settings of ``--ckpt_path``, which override the config's: a broken file is one line, and
+            settings this version does not know (another version's checkpoint) are dropped with a warning."""
             hparams = dict(read_checkpoint(path).get("hyper_parameters") or {})
             hparams.pop("_instantiator", None)
-            if not hparams:
-                return
             class_path = hparams.pop("_class_path", None)
-            if class_path:
-                cls = next((c for c in MODELS.values() if class_path.endswith("." + c.__name__)), None)
-                if cls is not None:
-                    unknown = sorted(set(hparams) - set(known_kwargs(cls, hparams)))
-                    if unknown:
-                        logging.getLogger("mdlm_kit").warning(
-                            "--ckpt_path %s: ignoring model settings this version does not know: %s",
-                            path, ", ".join(unknown))
-                        hparams = known_kwargs(cls, hparams)
-                hparams = {"class_path": class_path, "dict_kwargs": hparams}
-            try:
-                self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
-            except (ArgumentError, SystemExit) as e:
-                raise UserError(f"--ckpt_path {path}: its model settings do not fit this version "
-                                f"({_one_line(str(e))})") from None
+            if not hparams or not class_path:
+                return hparams or None
+            cls = next((c for c in MODELS.values() if class_path.endswith("." + c.__name__)), None)
+            if cls is not None:
+                unknown = sorted(set(hparams) - set(known_kwargs(cls, hparams)))
+                if unknown:
+                    logging.getLogger("mdlm_kit").warning(
+                        "--ckpt_path %s: ignoring model settings this version does not know: %s",
+                        path, ", ".join(unknown))
+                    hparams = known_kwargs(cls, hparams)
+            return {"class_path": class_path, "dict_kwargs": hparams}
 
         def _preflight(self) -> None:
             """Refuse, before anything is written, what would fail later: an unwritable output folder, data
             that does not fit the model, a checkpoint to resume that is missing, broken or of another model."""
-            cfg = self.config[self.subcommand]
+            for cb in self.trainer.callbacks:
+                if isinstance(cb, InitWeights):
+                    cb.check(self.model)
             check_writable_folder(self.trainer.default_root_dir, "trainer.default_root_dir", create=True)
             self.model.check_data(self.datamodule)
-            ckpt = cfg.get("ckpt_path")
-            if ckpt == "last":
-                dirs = [cb.dirpath for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-                ckpt = resolve_last(dirs)  # none yet: Lightning starts afresh (a requeued job's first run)
+            ckpt = self.resume_path()
             if ckpt is not None and ckpt not in ("best", "hpc", "registry"):
                 check_resume(ckpt, self.model, training=self.subcommand == "fit")
-            self.model.load_init_weights(resuming=ckpt is not None)
+
+        def resume_path(self):
+            """The checkpoint ``--ckpt_path`` resumes from; ``last`` is the newest last.ckpt, None if there is none
+            yet (Lightning then starts afresh: a requeued job's first run)."""
+            ckpt = self.config[self.subcommand].get("ckpt_path")
+            if ckpt == "last":
+                ckpt = resolve_last([cb.dirpath for cb in self.trainer.checkpoint_callbacks
+                                     if getattr(cb, "dirpath", None)])
+            return ckpt
 
         def before_fit(self) -> None:
             self._place_outputs()
@@ -307,7 +313,7 @@ def _export(argv: list[str]) -> None:
 
     from jsonargparse import CLI
 
-    from mdlm_kit.hf import export
+    from mdlm_kit.io.export import export
 
     print(json.dumps(CLI(export, args=argv, exit_on_error=False, as_positional=False)))
 
@@ -392,19 +398,21 @@ def _user_error_in_chain(e: BaseException) -> UserError | None:
 
 
 def _one_line(msg: str) -> str:
+    """jsonargparse's nested report as one line: the option's full key, what is wrong, and the class that said it
+    (``model.schedule: Option 'pwoer' is not accepted (by LogLinear)``)."""
     lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
     if not lines:
         return "invalid arguments"
-    # a subclass-mode key (model): the useful part is what the named class said, not the Union preamble
-    for i, ln in enumerate(lines):
-        if ln.startswith("- Problem with given class_path"):
-            cls = ln.split("'")[1].rsplit(".", 1)[-1] if "'" in ln else "the model"
-            inner = []
-            for x in lines[i + 1 :]:
-                if x.startswith("- ") or x.startswith("Given value"):
-                    break
-                inner.append(x)
-            return f"{lines[0]} {' '.join(inner[:2]) or 'invalid value'} (by {cls})"
+    keys, cls = [], None
+    for ln in lines:
+        if m := re.match(r'Parser key "([^"]+)":\s*(.*)', ln):
+            keys.append(m.group(1))
+            if m.group(2) and cls and not m.group(2).startswith("Does not validate"):
+                return f"{'.'.join(keys)}: {m.group(2)} (by {cls})"
+        elif m := re.match(r"- Problem with given class_path '([^']+)'", ln):
+            cls = m.group(1).rsplit(".", 1)[-1]
+        elif cls and not ln.startswith(("- ", "Given value", "Subtypes", "Errors", "Does not validate")):
+            return f"{'.'.join(keys)}: {ln} (by {cls})"
     return " ".join(lines[:3])
 
 

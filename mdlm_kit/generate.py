@@ -8,7 +8,7 @@ import sys
 import torch
 
 from mdlm_kit.errors import UserError
-from mdlm_kit.sampling import SamplerOptions, SamplingContext, get_sampler
+from mdlm_kit.sampling import SamplerOptions, get_sampler
 from mdlm_kit.utils import atomic_write_text, check_writable_folder
 
 
@@ -31,8 +31,7 @@ def generate_samples(model, tokenizer, sampler: str = "fhs", num_samples: int = 
     given = [tokenizer.bos_id] + (tokenizer.encode(prompt) if prompt else [])
     if len(given) > length:
         raise UserError(f"the prompt is {len(given) - 1} tokens (plus BOS), longer than --length {length}")
-    ctx = SamplingContext(model.backbone, model.schedule, model.mask_id, model.config.time_conditioning,
-                          max_len=model.config.max_seq_len)
+    ctx = model.family.sampling_context(model.backbone, max_len=model.config.max_seq_len)
     device = model.device
     out = []
     bar = None
@@ -92,7 +91,7 @@ def generate(checkpoint: str, sampler: str = "fhs", num_samples: int = 4, length
                    tokens_per_step=tokens_per_step, block_length=block_length, inner=inner)
     if output is not None:
         check_writable_folder(Path(output).expanduser().parent, f"--output {output}")
-    from mdlm_kit.checkpoint import load_checkpoint
+    from mdlm_kit.io import load_checkpoint
 
     model, dm = load_checkpoint(checkpoint, kind="diffusion")
     if dm.tokenizer is None:

@@ -43,9 +43,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mdlm_kit import rng
 from mdlm_kit.kernels.weighted_ce import weighted_linear_cross_entropy
@@ -57,6 +58,10 @@ __all__ = [
     "subs_log_probs",
     "masked_nll",
     "corrupt",
+    "corrupt_time",
+    "corrupt_count",
+    "masked_rows_loss",
+    "endpoint_term",
     "nelbo",
     "nelbo_from_keys",
     "count_weights",
@@ -64,7 +69,8 @@ __all__ = [
     "ESTIMATORS",
 ]
 
-ESTIMATORS = ("time", "count")
+Estimator = Literal["time", "count"]
+ESTIMATORS = get_args(Estimator)
 
 # model(z_t, cond) -> logits (B, L, V); cond is the mask rate 1 - alpha(t), or None for time-agnostic models
 Denoiser = Callable[[Tensor, "Tensor | None"], Tensor]
@@ -106,18 +112,6 @@ def corrupt(x0: Tensor, mask_rate: Tensor, u: Tensor, mask_id: int) -> tuple[Ten
     return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
 
 
-def _step_weights(schedule: Schedule, t: Tensor, num_steps: int | None) -> tuple[Tensor, Tensor]:
-    """(mask_rate at the evaluated time, weight of a masked token's NLL) in float64."""
-    t = t.to(torch.float64)
-    if num_steps is None:
-        return schedule.mask_rate(t), schedule.weight(t)
-    i = torch.ceil(t * num_steps).clamp(1, num_steps)
-    t_i, s_i = i / num_steps, (i - 1) / num_steps
-    rate = schedule.mask_rate(t_i)
-    # (alpha(s) - alpha(t)) / (1 - alpha(t)), times T for one step drawn uniformly out of T
-    return rate, num_steps * (schedule.mask_rate(t_i) - schedule.mask_rate(s_i)) / rate
-
-
 def count_weights(length: int, mask_rate_at_one: float, device=None) -> Tensor:
     """(length + 1,) float64: W(k) = (1/k) P(Binom(length, m1) >= k) for k >= 1, W(0) = 0."""
     k = torch.arange(length + 1, dtype=torch.float64, device=device)
@@ -137,6 +131,90 @@ def count_weights(length: int, mask_rate_at_one: float, device=None) -> Tensor:
     return weights
 
 
+@dataclass
+class Corruption:
+    """A noised batch: z_t, which tokens are masked, each sequence's NLL weight and its noise level."""
+
+    zt: Tensor  # (B, L) the input the denoiser sees
+    masked: Tensor  # (B, L) bool
+    weight: Tensor  # (B,) float64: weight of each masked token's NLL
+    level: Tensor  # (B,) float64: t (time estimator; the grid time with T steps) or k / n (count)
+    cond: Tensor | None  # (B,) the mask rate fed to a time-conditioned model, else None
+
+
+def _hide_padding(u: Tensor, valid: Tensor | None) -> Tensor:
+    return u if valid is None else torch.where(valid, u, 2.0)  # a uniform of 2 is never below a mask rate
+
+
+def corrupt_time(x0: Tensor, t: Tensor, u: Tensor, schedule: Schedule, mask_id: int, num_steps: int | None = None,
+                 valid: Tensor | None = None, time_conditioning: bool = False) -> Corruption:
+    """The ``time`` estimator: mask each token with probability 1 - alpha(t), weight w(t) (or the discrete-time
+    step weight (alpha(s) - alpha(t)) / (1 - alpha(t)) times T with ``num_steps`` = T)."""
+    t = t.to(torch.float64)
+    if num_steps is None:
+        rate, weight, level = schedule.mask_rate(t), schedule.weight(t), t
+    else:
+        i = torch.ceil(t * num_steps).clamp(1, num_steps)
+        level, s_i = i / num_steps, (i - 1) / num_steps
+        rate = schedule.mask_rate(level)
+        weight = num_steps * (rate - schedule.mask_rate(s_i)) / rate
+    zt, masked = corrupt(x0, rate, _hide_padding(u, valid), mask_id)
+    return Corruption(zt, masked, weight, level, rate.float() if time_conditioning else None)
+
+
+def corrupt_count(x0: Tensor, t: Tensor, u: Tensor, schedule: Schedule, mask_id: int,
+                  valid: Tensor | None = None) -> Corruption:
+    """The ``count`` estimator (time-agnostic models, continuous time): k = ceil(t n) of the n real tokens masked,
+    the k with the smallest uniforms (a uniform k-subset), weight n W(k)."""
+    batch, length = x0.shape
+    n = torch.full((batch,), length, device=x0.device) if valid is None else valid.sum(-1).clamp(min=1)
+    k = torch.minimum(torch.ceil(t.to(torch.float64) * n).clamp(min=1).long(), n)  # (B,) uniform on 1..n
+    ranks = _hide_padding(u, valid).argsort(dim=-1).argsort(dim=-1)  # padding ranks last: never among the k
+    masked = ranks < k.unsqueeze(-1)
+    zt = torch.where(masked, torch.full_like(x0, mask_id), x0)
+    m1 = float(1.0 - schedule.alpha_at_one)
+    weight = torch.empty(batch, dtype=torch.float64, device=x0.device)
+    for n_i in n.unique().tolist():  # W depends on the sequence's length: one table per length
+        rows = n == n_i
+        weight[rows] = n_i * count_weights(int(n_i), m1, x0.device)[k[rows]]
+    return Corruption(zt, masked, weight, k.double() / n.double(), None)
+
+
+def masked_rows_loss(features: Tensor, head: nn.Linear, x0: Tensor, masked: Tensor, weight: Tensor, mask_id: int,
+                     kernel: str = "auto") -> tuple[Tensor, Tensor]:
+    """Project only the masked rows of ``features`` (B, L, D) through ``head`` and return (the differentiable
+    weighted sum of their NLLs, the (B,) float64 per-sequence sums, detached): the fused weighted cross-entropy
+    (``kernels.weighted_ce``), same value and gradients as full logits, without the unmasked rows."""
+    b_idx, l_idx = masked.nonzero(as_tuple=True)
+    row_w = weight[b_idx]  # (N,) float64
+    total, nll_rows = weighted_linear_cross_entropy(features[b_idx, l_idx], head.weight, head.bias,
+                                                    x0[b_idx, l_idx], row_w, mask_id, kernel=kernel)
+    per_seq = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
+    per_seq.index_add_(0, b_idx, nll_rows.double() * row_w)
+    return total, per_seq
+
+
+def endpoint_term(logits_fn: Callable[[Tensor, Tensor | None], Tensor], x0: Tensor, schedule: Schedule, mask_id: int,
+                  valid: Tensor | None = None, time_conditioning: bool = False) -> Tensor:
+    """(B,) float64 alpha(1) * sum_l -log p(x0^l | all masked): the first generative step's term, for schedules
+    that stop short of all-masked (0 when alpha(1) = 0)."""
+    batch, length = x0.shape
+    alpha_one = schedule.alpha_at_one
+    if alpha_one <= 0.0:
+        return torch.zeros(batch, dtype=torch.float64, device=x0.device)
+    if valid is None:  # the all-masked input is the same for every sequence: one forward pass of batch 1
+        z1 = torch.full((1, length), mask_id, dtype=x0.dtype, device=x0.device)
+        cond = torch.ones(1, device=x0.device) if time_conditioning else None
+        logp1 = subs_log_probs(logits_fn(z1, cond), mask_id)[0]  # (L, V)
+        nll1 = -logp1.gather(-1, x0.T).T  # (B, L): -log p(x0[b, l] | all masked) at position l
+    else:  # every real token masked, the padding as given: one input per sequence
+        z1 = torch.where(valid, torch.full_like(x0, mask_id), x0)
+        cond = torch.ones(batch, device=x0.device) if time_conditioning else None
+        logp1 = subs_log_probs(logits_fn(z1, cond), mask_id)  # (B, L, V)
+        nll1 = -logp1.gather(-1, x0.unsqueeze(-1)).squeeze(-1) * valid
+    return alpha_one * nll1.double().sum(-1)
+
+
 def nelbo(
     model: Denoiser,
     x0: Tensor,
@@ -146,104 +224,54 @@ def nelbo(
     mask_id: int,
     num_steps: int | None = None,
     time_conditioning: bool | None = None,
-    estimator: str = "time",
-    masked_only: bool = False,
-    kernel: str = "auto",
+    estimator: Estimator = "time",
+    head: nn.Linear | None = None,
+    kernel: Literal["auto", "always", "never"] = "auto",
     valid: Tensor | None = None,
 ) -> NelboTerms:
-    """One-sample NELBO estimate per sequence.
+    """One-sample NELBO estimate per sequence: corruption, the masked tokens' weighted NLL, the endpoint term.
 
     Args:
-        model: the denoiser, ``model(z_t, cond) -> logits (B, L, V)``.
+        model: the denoiser, ``model(z_t, cond) -> logits (B, L, V)``; with ``head``, its features (B, L, D)
+            before that output projection (the DiT: ``model=dit.features, head=dit.head``), and only the masked
+            rows are projected (``masked_rows_loss``; then ``per_seq`` is detached and ``total`` carries the
+            gradient).
         x0: (B, L) clean token ids (never the mask id).
-        t: (B,) times in (0, 1].
-        u: (B, L) uniforms in (0, 1) that decide which tokens are masked at t.
-        schedule: the noise schedule.
-        mask_id: id of the mask token (a column of the logits).
-        num_steps: None for continuous time, else the number of discrete steps T.
+        t: (B,) stratified uniforms in (0, 1]: the time (``time``) or the masked fraction (``count``).
+        u: (B, L) uniforms in (0, 1) that decide which tokens are masked.
+        num_steps: None for continuous time, else the number of discrete steps T (``time`` only).
         time_conditioning: pass the mask rate to the model (else ``cond`` is None); None (default): as the
             model's ``config.time_conditioning`` says (False for a model without one).
-        estimator: ``time`` (sample t, mask each token with probability 1 - alpha(t)) or
-            ``count`` (t integrated out: sample the number of masked tokens; time-agnostic
-            models in continuous time only). ``t`` is the stratified uniform for either.
-        masked_only: for models with ``features`` and ``final.linear`` (the DiT), project only the
-            masked rows, through the fused weighted cross-entropy (same value and gradients; then
-            ``per_seq`` is detached and ``total`` carries the gradient).
+        estimator: ``time`` or ``count`` (t integrated out; time-agnostic models in continuous time).
         kernel: the fused cross-entropy's row step: ``auto`` (Triton on CUDA), ``always``, ``never``.
-        valid: (B, L) bool, the real tokens of padded sequences (default: all). Padding is never
-            masked, never scored and not counted; the model sees it as given.
+        valid: (B, L) bool, the real tokens of padded sequences (default: all). Padding is never masked, never
+            scored and not counted; the model sees it as given.
     """
-    batch, length = x0.shape
-    conditioned = bool(getattr(getattr(model, "config", None), "time_conditioning", False))
+    owner = getattr(model, "__self__", model)  # a bound method (dit.features) answers for its module
+    conditioned = bool(getattr(getattr(owner, "config", None), "time_conditioning", False))
     if time_conditioning is None:
         time_conditioning = conditioned
     elif conditioned and not time_conditioning:
         raise ValueError("this model is time-conditioned (config.time_conditioning): call nelbo(..., "
                          "time_conditioning=True), or leave time_conditioning at None to follow the model")
-    n_real = None if valid is None else valid.sum(-1)  # (B,) real tokens per sequence
-    if estimator == "time":
-        rate, weight = _step_weights(schedule, t, num_steps)
-        level = t.to(torch.float64)
-        if num_steps is not None:  # the grid time the estimate was taken at
-            level = torch.ceil(level * num_steps).clamp(1, num_steps) / num_steps
-        zt, masked = corrupt(x0, rate, u if valid is None else torch.where(valid, u, 2.0), mask_id)
-        cond = rate.float() if time_conditioning else None
-    elif estimator == "count":
+    if estimator == "count":
         if time_conditioning or num_steps is not None:
             raise ValueError("the count estimator needs a time-agnostic model and continuous time")
-        n = torch.full((batch,), length, device=x0.device) if n_real is None else n_real.clamp(min=1)
-        k = torch.minimum(torch.ceil(t.to(torch.float64) * n).clamp(min=1).long(), n)  # (B,) uniform on 1..n
-        uu = u if valid is None else torch.where(valid, u, 2.0)  # padding ranks last: never among the k
-        ranks = uu.argsort(dim=-1).argsort(dim=-1)  # the k smallest uniforms: a uniform k-subset
-        masked = ranks < k.unsqueeze(-1)
-        zt = torch.where(masked, torch.full_like(x0, mask_id), x0)
-        m1 = float(1.0 - schedule.alpha_at_one)
-        weight = torch.empty(batch, dtype=torch.float64, device=x0.device)
-        for n_i in n.unique().tolist():  # W depends on the sequence's length: one table per length
-            rows = n == n_i
-            weight[rows] = n_i * count_weights(int(n_i), m1, x0.device)[k[rows]]
-        level = k.double() / n.double()
-        cond = None
+        c = corrupt_count(x0, t, u, schedule, mask_id, valid)
     else:
-        raise ValueError(f"unknown estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
+        c = corrupt_time(x0, t, u, schedule, mask_id, num_steps, valid, time_conditioning)
+    logits_fn = model if head is None else (lambda z, cond: head(model(z, cond)))
     total = None
-    if masked_only and hasattr(model, "features"):
-        # logits only where the loss is non-zero: gather the masked rows before the output projection
-        b_idx, l_idx = masked.nonzero(as_tuple=True)
-        h = model.features(zt, cond)[b_idx, l_idx]  # (N, D)
-        row_w = weight[b_idx]  # (N,) float64
-        head = model.final.linear
-        diffusion, nll_rows = weighted_linear_cross_entropy(h, head.weight, head.bias, x0[b_idx, l_idx], row_w,
-                                                            mask_id, kernel=kernel)
-        per_seq = torch.zeros(batch, dtype=torch.float64, device=x0.device)
-        per_seq.index_add_(0, b_idx, nll_rows.double() * row_w)
+    if head is not None:
+        total, per_seq = masked_rows_loss(model(c.zt, c.cond), head, x0, c.masked, c.weight, mask_id, kernel)
     else:
-        nll = masked_nll(model(zt, cond), x0, masked, mask_id)  # (B, L) float32
-        per_seq = (nll.double() * weight.unsqueeze(-1)).sum(-1)
-        diffusion = None
-
-    endpoint = torch.zeros(batch, dtype=torch.float64, device=x0.device)
-    alpha_one = schedule.alpha_at_one
-    if alpha_one > 0.0:
-        # The all-masked input is the same for every sequence: one forward pass of batch 1.
-        if valid is None:
-            z1 = torch.full((1, length), mask_id, dtype=x0.dtype, device=x0.device)
-            cond = torch.ones(1, device=x0.device) if time_conditioning else None
-            logp1 = subs_log_probs(model(z1, cond), mask_id)[0]  # (L, V)
-            nll1 = -logp1.gather(-1, x0.T).T  # (B, L): -log p(x0[b, l] | all masked) at position l
-        else:  # every real token masked, the padding as given: one input per sequence
-            z1 = torch.where(valid, torch.full_like(x0, mask_id), x0)
-            cond = torch.ones(batch, device=x0.device) if time_conditioning else None
-            logp1 = subs_log_probs(model(z1, cond), mask_id)  # (B, L, V)
-            nll1 = -logp1.gather(-1, x0.unsqueeze(-1)).squeeze(-1) * valid
-        endpoint = alpha_one * nll1.double().sum(-1)
-    if n_real is None:
-        num_tokens = torch.full((batch,), float(length), dtype=torch.float64, device=x0.device)
-    else:
-        num_tokens = n_real.to(torch.float64)
-    if diffusion is not None:
-        total = diffusion + endpoint.sum()
-    return NelboTerms(per_seq=per_seq + endpoint, num_tokens=num_tokens, endpoint=endpoint, level=level, total=total)
+        per_seq = (masked_nll(model(c.zt, c.cond), x0, c.masked, mask_id).double() * c.weight.unsqueeze(-1)).sum(-1)
+    endpoint = endpoint_term(logits_fn, x0, schedule, mask_id, valid, time_conditioning)
+    num_tokens = (torch.full((x0.shape[0],), float(x0.shape[1]), dtype=torch.float64, device=x0.device)
+                  if valid is None else valid.sum(-1).to(torch.float64))
+    if total is not None:
+        total = total + endpoint.sum()
+    return NelboTerms(per_seq=per_seq + endpoint, num_tokens=num_tokens, endpoint=endpoint, level=c.level, total=total)
 
 
 def autoregressive_nll(model: Denoiser, x0: Tensor, start_id: int, valid: Tensor | None = None) -> NelboTerms:
@@ -275,9 +303,9 @@ def nelbo_from_keys(
     stream: int,
     num_steps: int | None = None,
     time_conditioning: bool | None = None,
-    estimator: str = "time",
-    masked_only: bool = False,
-    kernel: str = "auto",
+    estimator: Estimator = "time",
+    head: nn.Linear | None = None,
+    kernel: Literal["auto", "always", "never"] = "auto",
     valid: Tensor | None = None,
 ) -> NelboTerms:
     """``nelbo`` with times and masks drawn from (seed, stream, key) per sequence.
@@ -291,5 +319,5 @@ def nelbo_from_keys(
     return nelbo(
         model, x0, t, u, schedule, mask_id,
         num_steps=num_steps, time_conditioning=time_conditioning, estimator=estimator,
-        masked_only=masked_only, kernel=kernel, valid=valid,
+        head=head, kernel=kernel, valid=valid,
     )

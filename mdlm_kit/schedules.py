@@ -19,6 +19,7 @@ that with an exact endpoint term instead of dropping it.
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 
@@ -58,6 +59,12 @@ class Schedule(ABC):
 
     def alpha(self, t: Tensor) -> Tensor:
         return 1.0 - self.mask_rate(t)
+
+    def spec(self) -> dict:
+        """This schedule as a config entry (``class_path``, ``init_args``): what configs and checkpoints hold."""
+        params = inspect.signature(type(self).__init__).parameters.values()
+        args = {p.name: getattr(self, p.name) for p in params if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": args}
 
     def weight(self, t: Tensor) -> Tensor:
         """-alpha'(t) / (1 - alpha(t)): the continuous-time NELBO weight of a masked token."""
@@ -194,11 +201,21 @@ SCHEDULES: dict[str, type[Schedule]] = {
 }
 
 
-def make_schedule(name: str, **kwargs) -> Schedule:
-    """Build a schedule by name (``loglinear``, ``linear``, ``cosine``, ``polynomial``, ``geometric``)."""
-    if name not in SCHEDULES:
+def make_schedule(spec: Schedule | str | dict | None = None, **kwargs) -> Schedule:
+    """A schedule from an instance, a name (``loglinear``, ``linear``, ``cosine``, ``polynomial``, ``geometric``)
+    with its arguments, or a config entry ``{class_path, init_args}`` (``Schedule.spec``); None is loglinear."""
+    if isinstance(spec, Schedule):
+        return spec
+    if isinstance(spec, dict):
+        name = str(spec.get("class_path", "")).rsplit(".", 1)[-1]
+        kwargs = {**dict(spec.get("init_args") or {}), **kwargs}
+        cls = next((c for c in SCHEDULES.values() if c.__name__ == name), None)
+    else:
+        name = spec or "loglinear"
+        cls = SCHEDULES.get(name)
+    if cls is None:
         raise UserError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
     try:
-        return SCHEDULES[name](**kwargs)
+        return cls(**kwargs)
     except TypeError as e:
         raise UserError(f"bad arguments for schedule {name!r}: {e}") from None

@@ -30,9 +30,10 @@ ROWS = {
     "fit-resume-truncated": (["fit", "{debug}", "--ckpt_path", "{truncated}"], "is truncated or corrupt"),
     "fit-resume-other-vocab": (["fit", "{debug}", "--data.corpus", "{digits}", "--ckpt_path", "{ckpt}"],
                                "was trained with a vocabulary of"),
-    "fit-init-from-other-size": (["fit", "{debug}", "--model.size", "tiny", "--model.init_from", "{ckpt}"],
+    "fit-init-from-other-size": (["fit", "{debug}", "--model.size", "tiny", "--checkpoint", "{ckpt}"],
                                  "holds another architecture"),
-    "fit-resume-from-export": (["fit", "{debug}", "--ckpt_path", "{export}"], "start from its weights with --model"),
+    "fit-resume-from-export": (["fit", "{debug}", "--ckpt_path", "{export}"],
+                               "start from its weights with --checkpoint"),
     "fit-root-not-writable": (["fit", "{debug}", "--trainer.default_root_dir", "{readonly}/run"],
                               "cannot write in the folder"),
     # generate

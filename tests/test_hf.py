@@ -1,5 +1,6 @@
-"""Hugging Face export and import: bit-exact logits through the Auto classes and through ``load_export``, the
-CLI on an exported folder, the tokenizer as an AutoTokenizer, and export errors that leave nothing behind."""
+"""Hugging Face export and import: bit-exact logits through the Auto classes (the folder's own code, where mdlm-kit
+is not importable, and the classes mdlm_kit.io.hf registers) and through ``load_export``, the CLI on an exported
+folder, the tokenizer as an AutoTokenizer, and export errors that leave nothing behind."""
 
 import json
 import logging
@@ -15,9 +16,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from helpers import CONFIGS, run_cli, write_corpus
-from mdlm_kit import cli, hf
-from mdlm_kit.checkpoint import load_checkpoint
+from mdlm_kit import cli
 from mdlm_kit.errors import UserError
+from mdlm_kit.io import hf, load_checkpoint
+from mdlm_kit.io.export import DATA_FACTS, export, hf_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def exports(ckpts, tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_exports")
     out = {}
     for name, ckpt in ckpts.items():
-        summary = hf.export(str(ckpt), str(root / name))
+        summary = export(str(ckpt), str(root / name))
         assert summary["out"] == str(root / name) and summary["weights"] == "ema"
         out[name] = root / name
     return out
@@ -155,14 +157,14 @@ def test_autoregressive_export_loads_as_a_causal_lm_and_generates_greedily_like_
         n = row_want.index(eos) + 1 if eos in row_want[1:] else len(row_want)
         assert row_got[:n] == row_want[:n]
     loaded, _ = hf.load_export(exports["autoregressive"], kind="autoregressive")
-    assert type(loaded) is type(model)
+    assert type(loaded) is type(model) and loaded.config == model.config  # cond_dim too, which AR takes from its size
     with pytest.raises(UserError, match="needs a masked diffusion model"):
         load_checkpoint(exports["autoregressive"], kind="diffusion")
 
 
 def test_ema_false_exports_the_weights_before_averaging(trained_ckpt, exports, tmp_path):
     """EMAWeightAveraging saves the average as ``state_dict`` and the trained weights as ``current_model_state``."""
-    summary = hf.export(str(trained_ckpt), str(tmp_path / "raw"), ema=False)
+    summary = export(str(trained_ckpt), str(tmp_path / "raw"), ema=False)
     assert summary["weights"] == "raw" and summary["kind"] == "diffusion"
     ckpt = torch.load(trained_ckpt, weights_only=False)
     raw, _ = hf.load_export(tmp_path / "raw")
@@ -218,16 +220,35 @@ def test_genppl_scores_with_an_exported_autoregressive_model_as_with_its_checkpo
     assert scores[0]["gen_nll"] == scores[1]["gen_nll"] and math.isfinite(scores[0]["gen_nll"])
 
 
-def test_the_export_carries_its_data_and_tokenizer(ckpts, exports):
+# training settings that config.json leaves out: load_export rebuilds the model and data with their defaults
+TRAINING_ONLY = {"lr", "weight_decay", "betas", "warmup_steps", "decay_steps", "min_lr_ratio", "compile", "fused_adamw",
+                 "on_nonfinite", "unigram_bias", "masked_only", "ce_kernel", "batch_size", "eval_batch_size",
+                 "num_workers", "num_proc", "shuffle_seed", "shard_tokens", "shuffle_buffer"}
+
+
+def _keys(tree) -> set[str]:
+    if isinstance(tree, dict):
+        return set(tree) | {k for v in tree.values() for k in _keys(v)}
+    return set()
+
+
+def test_the_export_carries_its_model_data_and_tokenizer_facts_only(ckpts, exports):
     model, dm = load_checkpoint(ckpts["agnostic"])
-    _, dm2 = hf.load_export(exports["agnostic"])
-    assert dict(dm2.hparams) == dict(dm.hparams)
+    exported, dm2 = hf.load_export(exports["agnostic"])
+    assert {k: dm2.hparams[k] for k in DATA_FACTS} == {k: dm.hparams[k] for k in DATA_FACTS}
+    assert dm.hparams.batch_size == 16 and dm2.hparams.batch_size == 32  # the run's, then the default: not carried
     assert dm2.tokenizer.to_dict() == dm.tokenizer.to_dict()
+    assert exported.config == model.config and exported.hparams.schedule == model.hparams.schedule
     config = json.loads((exports["agnostic"] / "config.json").read_text())
     assert config["model_type"] == "mdlm_kit" and config["kind"] == "diffusion"
+    assert config["auto_map"] == {"AutoConfig": "configuration_mdlm_kit.MdlmKitConfig",
+                                  "AutoModelForMaskedLM": "modeling_mdlm_kit.MdlmKitForMaskedLM"}
     assert config["dit_config"] == json.loads(json.dumps(model.config.to_dict()))
+    assert config["schedule"] == model.hparams.schedule and config["num_steps"] is None
     assert config["mask_token_id"] == model.mask_id == config["vocab_size"] - 1
-    assert {"schedule", "seed", "time_conditioning", "layout", "estimator"} <= set(config["model_hparams"])
+    assert set(config["data"]) == set(DATA_FACTS) and config["data"]["seq_len"] == dm.hparams.seq_len
+    config.pop("tokenizer_spec")
+    assert not _keys(config) & (TRAINING_ONLY | {"model_hparams", "data_hparams"}), _keys(config) & TRAINING_ONLY
     # AutoTokenizer reads the same folder and gives the toolkit's ids, with the mask token last
     tok = AutoTokenizer.from_pretrained(exports["agnostic"])
     text = "the king spoke softly.\nnow is the winter? Z"
@@ -236,23 +257,70 @@ def test_the_export_carries_its_data_and_tokenizer(ckpts, exports):
     assert tok.mask_token_id == model.mask_id and len(tok) == model.config.vocab_size
 
 
+# run where mdlm-kit cannot be imported: the folder's own code (trust_remote_code) computes the logits
+REMOTE = """
+import sys
+sys.modules["mdlm_kit"] = None
+try:
+    import mdlm_kit
+except ImportError:
+    pass
+else:
+    raise SystemExit("mdlm_kit is importable")
+import torch, transformers
+folder, auto, inputs, out = sys.argv[1:]
+model = getattr(transformers, auto).from_pretrained(folder, trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+assert not model.training and "mdlm_kit" not in {m.split(".")[0] for m in sys.modules if sys.modules[m]}
+with torch.no_grad():
+    torch.save(model(**torch.load(inputs)).logits, out)
+"""
+
+
+@pytest.mark.parametrize("name, auto", [("conditioned", "AutoModelForMaskedLM"),
+                                        ("autoregressive", "AutoModelForCausalLM")])
+def test_the_folder_loads_with_its_own_code_without_mdlm_kit(name, auto, ckpts, exports, tmp_path):
+    import subprocess
+
+    model, _ = load_checkpoint(ckpts[name])
+    code = {"configuration_mdlm_kit.py", "modeling_mdlm_kit.py", "config.py", "dit.py"}
+    assert code <= set(_listing(exports[name]))
+    ids = _ids(model.config.vocab_size)
+    inputs = {"input_ids": ids}
+    if name == "conditioned":
+        inputs["cond"] = torch.rand(ids.shape[0], generator=torch.Generator().manual_seed(1))
+    torch.save(inputs, tmp_path / "inputs.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "HF_MODULES_CACHE": str(tmp_path / "hf" / "modules")}
+    proc = subprocess.run([sys.executable, "-c", REMOTE, str(exports[name]), auto, str(tmp_path / "inputs.pt"),
+                           str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "backbone." not in proc.stderr, proc.stderr[-3000:]  # no missing or unexpected weight reported
+    with torch.no_grad():
+        want = model.backbone(ids, inputs.get("cond"))
+    got = torch.load(tmp_path / "logits.pt")
+    assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want), (got - want).abs().max()
+    assert not torch.equal(want, torch.zeros_like(want))
+
+
 def _texts(tmp_path):
     return [p.read_text() for p in sorted(write_corpus(tmp_path / "c", n_docs=3).iterdir())]
 
 
 @pytest.mark.parametrize("kind", ["bpe", "gpt2", "hf"])
 def test_every_tokenizer_kind_becomes_an_auto_tokenizer_with_the_same_ids(kind, tmp_path):
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer as Backend
 
-    from mdlm_kit.data.tokenizers import BOS, EOS, HFTokenizer, load_gpt2, train_bpe
+    from mdlm_kit.data.tokenizers import BOS, EOS, Tokenizer, load_gpt2, train_bpe
 
     if kind == "gpt2":
         tok = load_gpt2()  # the packaged files offline
     else:
         tok = train_bpe(_texts(tmp_path), 300)
         if kind == "hf":  # what a Hugging Face tokenizer by name becomes once loaded: its JSON travels
-            tok = HFTokenizer(Tokenizer.from_str(tok.tok.to_str()), "hf", BOS, EOS, name="local")
-    hf.hf_tokenizer(tok, tok.vocab_size, 256).save_pretrained(tmp_path / "tok")
+            tok = Tokenizer(Backend.from_str(tok.tok.to_str()), "hf", BOS, EOS, name="local")
+    hf_tokenizer(tok, tok.vocab_size, 256).save_pretrained(tmp_path / "tok")
     auto = AutoTokenizer.from_pretrained(tmp_path / "tok")
     text = "The king spoke softly,  to the queen.\n\nWhat light? 日本 ok"
     ids = tok.encode(text)
@@ -327,9 +395,10 @@ def test_export_error_from_a_real_process(trained_ckpt, tmp_path):
 
 
 def test_unwritable_parent_is_one_clear_error(trained_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr(hf.os, "access", lambda *a, **k: False)  # root can write anywhere: simulate the check
+    # root can write anywhere: simulate the check
+    monkeypatch.setattr("mdlm_kit.io.export.os.access", lambda *a, **k: False)
     with pytest.raises(UserError, match="permission denied"):
-        hf.export(str(trained_ckpt), str(tmp_path / "out"))
+        export(str(trained_ckpt), str(tmp_path / "out"))
     assert _listing(tmp_path) == []
 
 
@@ -343,21 +412,21 @@ def test_a_failure_mid_write_leaves_no_output_and_keeps_the_old_one(trained_ckpt
 
     monkeypatch.setattr(hf.MdlmKitForMaskedLM, "save_pretrained", half_write)
     with pytest.raises(RuntimeError, match="disk full"):
-        hf.export(str(trained_ckpt), str(out))
+        export(str(trained_ckpt), str(out))
     assert _listing(tmp_path) == []
 
     monkeypatch.setattr(hf.MdlmKitForMaskedLM, "save_pretrained", real)
-    first = hf.export(str(trained_ckpt), str(out))
+    first = export(str(trained_ckpt), str(out))
     weights = (out / "model.safetensors").read_bytes()
     monkeypatch.setattr(hf.MdlmKitForMaskedLM, "save_pretrained", half_write)
     with pytest.raises(RuntimeError, match="disk full"):
-        hf.export(str(trained_ckpt), str(out), overwrite=True)
+        export(str(trained_ckpt), str(out), overwrite=True)
     assert _listing(tmp_path) == ["out"] and _listing(out) == first["files"]
     assert (out / "model.safetensors").read_bytes() == weights
 
     monkeypatch.setattr(hf.MdlmKitForMaskedLM, "save_pretrained", real)
     (out / "stale.txt").write_text("from before")
-    second = hf.export(str(trained_ckpt), str(out), overwrite=True)
+    second = export(str(trained_ckpt), str(out), overwrite=True)
     assert _listing(tmp_path) == ["out"] and _listing(out) == second["files"] == first["files"]
     assert (out / "model.safetensors").read_bytes() == weights
     assert oct(os.stat(out).st_mode & 0o777) == oct(0o777 & ~_umask())  # an ordinary folder, not mkdtemp's 0700
@@ -380,8 +449,8 @@ def test_a_folder_that_is_not_an_export(tmp_path):
 def test_importing_the_package_registers_nothing_and_re_import_is_safe():
     code = (
         "import sys, importlib, mdlm_kit\n"
-        "assert 'transformers' not in sys.modules and 'mdlm_kit.hf' not in sys.modules\n"
-        "import mdlm_kit.hf as h\n"
+        "assert 'transformers' not in sys.modules and 'mdlm_kit.io.hf' not in sys.modules\n"
+        "import mdlm_kit.io.hf as h\n"
         "h = importlib.reload(h)\n"
         "from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForCausalLM\n"
         "c = AutoConfig.for_model('mdlm_kit')\n"
@@ -424,7 +493,7 @@ def _val_nelbo(root: Path) -> float:
 
 
 def test_validate_and_fine_tuning_start_from_an_export(trained, exports, tmp_path, capsys):
-    """``model.init_from`` takes an export into ``validate`` and ``fit``: validation of the export equals validation of
+    """``--checkpoint`` takes an export into ``validate`` and ``fit``: validation of the export equals validation of
     the checkpoint (both hold the EMA weights), and a fine-tuning run starts from its weights."""
     base = ["--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(trained.parent / "corpus"),
             "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false"]
@@ -432,24 +501,24 @@ def test_validate_and_fine_tuning_start_from_an_export(trained, exports, tmp_pat
                         "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"))
     assert code == 0, err[-2000:]
     code, _, err = _cli(capsys, "validate", *base, "--trainer.default_root_dir", str(tmp_path / "b"),
-                        "--model.init_from", str(exports["agnostic"]))
+                        "--checkpoint", str(exports["agnostic"]))
     assert code == 0, err[-2000:]
     assert _val_nelbo(tmp_path / "a") == _val_nelbo(tmp_path / "b")
     assert _val_nelbo(tmp_path / "b") < 3.0  # a trained model (2.6), not a fresh one (uniform: ln 29 = 3.4)
 
     # one step at a learning rate of 1e-9 (warmup makes it 1e-10): the trained weights are those of the export
-    export = tmp_path / "export"
-    shutil.copytree(exports["agnostic"], export)
+    folder = tmp_path / "export"
+    shutil.copytree(exports["agnostic"], folder)
     code, _, err = _cli(capsys, "fit", *base, "--trainer.default_root_dir", str(tmp_path / "c"), "--trainer.max_steps",
-                        "1", "--model.lr", "1e-9", "--model.init_from", str(export))
+                        "1", "--model.lr", "1e-9", "--checkpoint", str(folder))
     assert code == 0, err[-2000:]
     tuned = torch.load(tmp_path / "c" / "checkpoints" / "last.ckpt", weights_only=False)["current_model_state"]
-    source, _ = hf.load_export(export)
+    source, _ = hf.load_export(folder)
     for k, v in source.state_dict().items():
         torch.testing.assert_close(tuned[k], v, atol=1e-6, rtol=0)
     # resuming the fine-tuning run needs its checkpoint, not the export it started from
-    shutil.rmtree(export)
+    shutil.rmtree(folder)
     code, _, err = _cli(capsys, "fit", *base, "--trainer.default_root_dir", str(tmp_path / "c"), "--trainer.max_steps",
-                        "2", "--model.lr", "1e-9", "--model.init_from", str(export), "--ckpt_path", "last")
+                        "2", "--model.lr", "1e-9", "--checkpoint", str(folder), "--ckpt_path", "last")
     assert code == 0, err[-2000:]
     assert torch.load(tmp_path / "c" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2

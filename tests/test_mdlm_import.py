@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from mdlm_kit.data.tokenizers import CharTokenizer
+from mdlm_kit.data.tokenizers import Tokenizer, tokenizer_from_dict
 from mdlm_kit.errors import UserError
-from mdlm_kit.models import DiT, DiTConfig
-from mdlm_kit.models.mdlm_import import (
+from mdlm_kit.io.mdlm import (
     convert_mdlm_state_dict,
     is_mdlm_checkpoint,
     load_mdlm_checkpoint,
     mdlm_parameter_names,
 )
+from mdlm_kit.models import DiT, DiTConfig
 from mdlm_kit.objective import masked_nll, nelbo, subs_log_probs
 from mdlm_kit.sampling import SamplerOptions, SamplingContext, get_sampler
 from mdlm_kit.schedules import LogLinear
@@ -177,7 +177,8 @@ def test_fixture_subs_log_probs_and_weighted_nll_through_our_objective(fx):
     # the same through nelbo(), masks given by the fixture, with the full head and with the masked-only head
     u = torch.where(masked, 0.0, 1.0).double()
     for masked_only in (False, True):
-        terms = nelbo(model, x0, t, u, schedule, mask_id, masked_only=masked_only)
+        terms = nelbo(model.features if masked_only else model, x0, t, u, schedule, mask_id,
+                      head=model.head if masked_only else None)
         torch.testing.assert_close(terms.per_seq - terms.endpoint, fx["nll_weighted"].double().sum(-1),
                                    rtol=1e-5, atol=1e-4)
 
@@ -273,9 +274,9 @@ MDLM_CONFIG = {
 }
 
 
-def char_tokenizer(n_tokens: int) -> CharTokenizer:
+def char_tokenizer(n_tokens: int) -> Tokenizer:
     """A tokenizer of ``n_tokens`` ids (3 specials + characters)."""
-    return CharTokenizer([chr(0x100 + i) for i in range(n_tokens - 3)])
+    return tokenizer_from_dict({"kind": "char", "chars": [chr(0x100 + i) for i in range(n_tokens - 3)]})
 
 
 @pytest.fixture(scope="module")
@@ -480,10 +481,11 @@ def test_the_cli_samples_evaluates_and_exports_an_mdlm_checkpoint(tmp_path, cach
     assert bounds[0]["num_tokens"] == bounds[1]["num_tokens"] > 0
     assert bounds[0]["nelbo"] == bounds[1]["nelbo"] and math.isfinite(bounds[0]["nelbo"])
     # the export holds MDLM's EMA weights, or with ema=false the raw ones
-    from mdlm_kit import hf
+    from mdlm_kit.io.export import export
+    from mdlm_kit.io.hf import load_export
 
-    assert hf.export(str(ckpt), str(tmp_path / "raw"), ema=False)["weights"] == "raw"
-    exported = {w: hf.load_export(tmp_path / d)[0].backbone.embed.weight
+    assert export(str(ckpt), str(tmp_path / "raw"), ema=False)["weights"] == "raw"
+    exported = {w: load_export(tmp_path / d)[0].backbone.embed.weight
                 for w, d in (("ema", "export"), ("raw", "raw"))}
     assert torch.equal(exported["ema"], ema[0]) and torch.equal(exported["raw"], sd["vocab_embed.embedding"])
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from mdlm_kit.errors import UserError
-
 # Named sizes. `small` and `medium` are MDLM's (Sahoo et al. 2024, table 9).
 SIZES: dict[str, dict] = {
     "debug": dict(n_layers=2, d_model=32, n_heads=2, cond_dim=32, max_seq_len=256),
@@ -39,21 +37,21 @@ class DiTConfig:
     def __post_init__(self):
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "cond_dim", "mlp_ratio", "max_seq_len"):
             if int(getattr(self, name)) < 1:
-                raise UserError(f"model: {name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"model: {name} must be >= 1, got {getattr(self, name)}")
         if self.vocab_size < 2:
-            raise UserError(f"model: vocab_size must be >= 2 (tokens plus the mask), got {self.vocab_size}")
+            raise ValueError(f"model: vocab_size must be >= 2 (tokens plus the mask), got {self.vocab_size}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise UserError(
+            raise ValueError(
                 f"model: d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads of even size"
             )
         if self.layout not in ("kit", "mdlm"):
-            raise UserError(f"model: layout must be kit or mdlm, got {self.layout!r}")
+            raise ValueError(f"model: layout must be kit or mdlm, got {self.layout!r}")
         if self.conv_kernel < 0:
-            raise UserError(f"model: conv_kernel must be >= 0 (0: no convolution), got {self.conv_kernel}")
+            raise ValueError(f"model: conv_kernel must be >= 0 (0: no convolution), got {self.conv_kernel}")
         if self.conv_kernel and self.layout == "mdlm":
-            raise UserError("model: conv_kernel must be 0 with layout mdlm (the MDLM reference DiT has no convolution)")
+            raise ValueError("model: conv_kernel must be 0 with layout mdlm (the MDLM reference DiT has none)")
         if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"model: dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"model: dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def mask_id(self) -> int:
@@ -68,7 +66,7 @@ class DiTConfig:
     @classmethod
     def from_name(cls, name: str, vocab_size: int, **overrides) -> DiTConfig:
         if name not in SIZES:
-            raise UserError(f"unknown model size {name!r}; choose one of: {', '.join(SIZES)}")
+            raise ValueError(f"unknown model size {name!r}; choose one of: {', '.join(SIZES)}")
         kwargs = {**SIZES[name], **{k: v for k, v in overrides.items() if v is not None}}
         return cls(vocab_size=vocab_size, **kwargs)
 

@@ -14,7 +14,7 @@ shift/scale/gate modulation from the time embedding). Two layouts
   ``conv_kernel > 0`` adds a depthwise convolution over positions to every block
   (``LocalConv``; the quickstart's recipes use width 3).
 - ``mdlm``: exactly the MDLM reference DiT (kuleshov-group/mdlm ``models/dit.py``),
-  for its checkpoints (``mdlm_kit.models.mdlm_import``): weight-only LayerNorms,
+  for its checkpoints (``mdlm_kit.io.mdlm``): weight-only LayerNorms,
   adaLN in every block and in the final layer, conditioned on MDLM's total noise
   sigma = -log(alpha_t) = -log(1 - mask rate). A time-agnostic MDLM model is called
   with sigma = 0, so its conditioning vector is the constant silu(embed(0)), not zero.
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mdlm_kit.models.config import DiTConfig
+from .config import DiTConfig
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -217,6 +217,11 @@ class DiT(nn.Module):
 
     def forward(self, input_ids: Tensor, cond: Tensor | None = None) -> Tensor:
         return self.final.linear(self.features(input_ids, cond))  # (B, S, V)
+
+    @property
+    def head(self) -> nn.Linear:
+        """The output projection: ``forward(x, c) == head(features(x, c))``."""
+        return self.final.linear
 
     def features(self, input_ids: Tensor, cond: Tensor | None = None) -> Tensor:
         """Hidden states right before the output projection ``final.linear``: (B, S, D).

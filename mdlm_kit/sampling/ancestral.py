@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mdlm_kit.sampling.base import SamplerOptions, SamplingContext, check_template, draw_tokens, step_uniforms
+from mdlm_kit.sampling.base import SamplerOptions, SamplingContext, check_template, draw_tokens, register, step_uniforms
 
 DEFAULT_STEPS = 1000
 
@@ -35,6 +35,7 @@ def alpha_levels(ctx: SamplingContext, steps: int, device) -> Tensor:
     return levels
 
 
+@register("ancestral")
 @torch.no_grad()
 def ancestral(ctx: SamplingContext, template: Tensor, sample_keys: Tensor, opts: SamplerOptions,
               cache: bool = False, progress=None) -> Tensor:
@@ -66,6 +67,7 @@ def ancestral(ctx: SamplingContext, template: Tensor, sample_keys: Tensor, opts:
     return z
 
 
+@register("ancestral_cache")
 def ancestral_cache(ctx: SamplingContext, template: Tensor, sample_keys: Tensor, opts: SamplerOptions,
                     progress=None) -> Tensor:
     if ctx.time_conditioning:

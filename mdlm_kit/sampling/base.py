@@ -9,11 +9,28 @@ from torch import Tensor
 
 from mdlm_kit import rng
 from mdlm_kit.errors import UserError
+from mdlm_kit.kernels import Kernel
 from mdlm_kit.sampling.categorical import PRECISIONS, sample_categorical
 from mdlm_kit.schedules import Schedule
 
 # model(z, cond) -> logits (B, L, V); cond is the mask rate per sequence, or None for time-agnostic models
 Denoiser = Callable[[Tensor, "Tensor | None"], Tensor]
+# name -> sampler(ctx, template, sample_keys, opts, progress=None) -> tokens; each sampler module registers itself
+SAMPLERS: dict[str, Callable] = {}
+
+
+def register(name: str) -> Callable[[Callable], Callable]:
+    def add(fn: Callable) -> Callable:
+        SAMPLERS[name] = fn
+        return fn
+
+    return add
+
+
+def get_sampler(name: str) -> Callable:
+    if name not in SAMPLERS:
+        raise UserError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
 
 
 @dataclass
@@ -28,6 +45,7 @@ class SamplerOptions:
     tokens_per_step: int = 1  # fhs: >1 reveals several tokens per network call (approximate)
     block_length: int | None = None  # semi_ar / confidence: tokens per block (None: semi_ar half the window)
     inner: str = "fhs"  # semi_ar: the diffusion sampler run inside each block
+    kernel: Kernel = "auto"  # the fused Triton categorical sampler: on CUDA (auto), always or never
 
     def __post_init__(self):
         if self.steps is not None and self.steps < 1:
@@ -67,7 +85,7 @@ def draw_tokens(ctx: SamplingContext, opts: SamplerOptions, logits: Tensor, rows
     flat = logits.reshape(-1, logits.shape[-1])  # only the selected rows are read
     tokens, _ = sample_categorical(
         flat, keys, opts.seed, ctx.mask_id, opts.temperature, opts.top_p, opts.precision,
-        rows=rows * logits.shape[1] + cols,
+        rows=rows * logits.shape[1] + cols, kernel=opts.kernel,
     )
     return tokens
 

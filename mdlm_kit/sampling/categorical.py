@@ -19,11 +19,9 @@ import torch
 from torch import Tensor
 
 from mdlm_kit import rng
+from mdlm_kit.kernels import Kernel, use_kernel
 
 PRECISIONS = ("float64", "float32")
-# When to use the fused Triton kernel: "auto" (CUDA tensors), "always" (tests run it under
-# TRITON_INTERPRET=1 on CPU) or "never".
-KERNEL = "auto"
 
 
 def gumbel(u: Tensor, precision: str = "float64") -> Tensor:
@@ -58,18 +56,18 @@ def sample_categorical(
     top_p: float = 1.0,
     precision: str = "float64",
     rows: Tensor | None = None,
+    kernel: Kernel = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Draw one token per selected row of ``logits`` (N, V); never the mask.
 
     ``rows`` (R,) selects the rows to sample (default: all); ``keys`` (R,) index their noise.
     Returns (tokens (R,), log-probabilities (R,)). On CUDA with float64 noise and no nucleus
-    truncation this runs the fused Triton kernel (``mdlm_kit.kernels.masked_categorical``),
+    truncation this runs the fused Triton kernel (``mdlm_kit.kernels.masked_categorical``; ``kernel``),
     which reads only the selected rows and draws the same tokens as this reference.
     """
     if rows is None:
         rows = torch.arange(logits.shape[0], device=logits.device)
-    use_kernel = KERNEL == "always" or (KERNEL == "auto" and logits.is_cuda)
-    if use_kernel and top_p == 1.0 and precision == "float64":
+    if use_kernel(kernel, logits) and top_p == 1.0 and precision == "float64":
         from mdlm_kit.kernels.masked_categorical import masked_categorical_triton
 
         row_hash = rng.row_hash(seed, rng.STREAM_SAMPLE, keys)

@@ -16,10 +16,11 @@ import torch
 from torch import Tensor
 
 from mdlm_kit import rng
-from mdlm_kit.sampling.base import SamplerOptions, SamplingContext, check_template
+from mdlm_kit.sampling.base import SamplerOptions, SamplingContext, check_template, register
 from mdlm_kit.sampling.categorical import sample_categorical
 
 
+@register("confidence")
 @torch.no_grad()
 def confidence(ctx: SamplingContext, template: Tensor, sample_keys: Tensor, opts: SamplerOptions,
                progress=None) -> Tensor:
@@ -42,7 +43,7 @@ def confidence(ctx: SamplingContext, template: Tensor, sample_keys: Tensor, opts
             keys = rng.combine(sample_keys[rows], step, 0, cols)
             tokens, logp = sample_categorical(
                 logits.reshape(-1, logits.shape[-1]), keys, opts.seed, ctx.mask_id, opts.temperature, opts.top_p,
-                opts.precision, rows=rows * length + cols,
+                opts.precision, rows=rows * length + cols, kernel=opts.kernel,
             )
             conf = torch.full((batch, length), float("-inf"), dtype=torch.float64, device=z.device)
             conf[rows, cols] = logp.double()

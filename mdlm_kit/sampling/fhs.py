@@ -21,9 +21,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mdlm_kit.sampling.base import SamplerOptions, SamplingContext, check_template, draw_tokens, step_uniforms
+from mdlm_kit.sampling.base import SamplerOptions, SamplingContext, check_template, draw_tokens, register, step_uniforms
 
 
+@register("fhs")
 @torch.no_grad()
 def fhs(ctx: SamplingContext, template: Tensor, sample_keys: Tensor, opts: SamplerOptions, progress=None) -> Tensor:
     z = check_template(template, ctx.mask_id)

@@ -13,13 +13,12 @@ from torch import Tensor
 
 from mdlm_kit import rng
 from mdlm_kit.errors import UserError
-from mdlm_kit.sampling.base import SamplerOptions, SamplingContext, check_template
+from mdlm_kit.sampling.base import SamplerOptions, SamplingContext, check_template, get_sampler, register
 
 
+@register("semi_ar")
 def semi_ar(ctx: SamplingContext, template: Tensor, sample_keys: Tensor, opts: SamplerOptions,
             progress=None) -> Tensor:
-    from mdlm_kit.sampling import get_sampler
-
     if opts.inner == "semi_ar":
         raise UserError("semi_ar cannot be its own inner sampler")
     inner = get_sampler(opts.inner)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from mdlm_kit.errors import UserError
+from mdlm_kit.schedules import LogLinear
 
 __all__ = ["convert_mdlm_state_dict", "is_mdlm_checkpoint", "load_mdlm_checkpoint", "mdlm_parameter_names"]
 
@@ -448,7 +449,7 @@ def load_mdlm_checkpoint(path: str | Path, tokenizer=None, n_heads: int | None =
         vocab_size=cfg["vocab_size"], size="small", n_layers=cfg["n_layers"], d_model=cfg["d_model"],
         n_heads=cfg["n_heads"], cond_dim=cfg["cond_dim"], max_seq_len=seq_len, layout="mdlm",
         dropout=float(settings["dropout"] or 0.0),  # MDLM's training dropout, for fine-tuning (eval mode ignores it)
-        time_conditioning=time_conditioning, schedule="loglinear", schedule_kwargs={"eps": eps},
+        time_conditioning=time_conditioning, schedule=LogLinear(eps),
     )
     model.backbone.load_state_dict(sd)
     model.eval()

@@ -1,0 +1,163 @@
+"""The toolkit's own ``.ckpt`` files: reading them (memory-mapped, one line when broken), what the run that wrote
+one got to, the checks before resuming from one, and the model and data module it holds."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+
+from mdlm_kit.callbacks import RUN_KEY
+from mdlm_kit.errors import UserError
+
+
+def known_kwargs(cls, kwargs: dict) -> dict:
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+EXPORT_MODEL_TYPE = "mdlm_kit"  # config.json's model_type in a folder written by `mdlm-kit export`
+
+
+def run_info(ckpt: dict) -> dict:
+    """How far the run that wrote a ``.ckpt`` got: ``steps``, ``max_steps``, ``stopped_early`` and ``stop_reason``.
+
+    A checkpoint written before ``max_steps`` is reported as stopped early: with the reason the run recorded
+    when it stopped (``max_time``, SIGTERM, ...), or as a checkpoint from the middle of a run. Checkpoints of
+    versions that did not record it give ``None`` for what they do not say.
+    """
+    steps = int(ckpt.get("global_step", 0))
+    record = ckpt.get(RUN_KEY)
+    if record is None:
+        return {"steps": steps, "max_steps": None, "stopped_early": None, "stop_reason": None}
+    max_steps = record.get("max_steps")
+    max_steps = None if max_steps in (None, -1) else int(max_steps)
+    reason = record.get("stop_reason")
+    if reason is None and max_steps is not None and steps < max_steps:
+        reason = (f"the checkpoint was written at step {steps} of {max_steps}, before the run ended (a checkpoint "
+                  "from the middle of the run, or the run was killed)")
+    return {"steps": steps, "max_steps": max_steps, "stopped_early": reason is not None, "stop_reason": reason}
+
+
+def is_export(path: str | Path) -> bool:
+    """A folder written by ``mdlm-kit export`` (read without importing transformers)."""
+    import json
+
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == EXPORT_MODEL_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _model_class(ckpt: dict):
+    """The LightningModule class that wrote ``ckpt``: recorded by the model, else by the CLI's class path."""
+    from mdlm_kit.lightning import MODELS, MaskedDiffusionLM
+
+    kind = ckpt.get("mdlm_kit_model")
+    if kind is None:
+        class_path = str(ckpt["hyper_parameters"].get("_class_path", ""))
+        kind = next((k for k, cls in MODELS.items() if class_path.endswith("." + cls.__name__)), None)
+    return MODELS.get(kind, MaskedDiffusionLM)
+
+
+def resolve_last(dirpaths: list[str]) -> Path | None:
+    """The checkpoint ``--ckpt_path last`` resumes: the newest ``last*.ckpt`` in the checkpoint folders, as
+    Lightning picks it (None if there is none; Lightning then starts afresh)."""
+    found = [p for d in dirpaths if Path(d).is_dir() for p in Path(d).glob("last*.ckpt")]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def unreadable_checkpoint(path: str | Path, e: Exception) -> Exception:
+    reason = str(e).strip().splitlines()[0].split(". ")[0][:120] if str(e).strip() else type(e).__name__
+    return UserError(f"--ckpt_path {path} is truncated or corrupt ({reason}); resume from another checkpoint "
+                     "(the step checkpoints beside it) or start afresh without --ckpt_path")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint as Lightning reads it (``weights_only``), memory-mapped where the file system allows (cheap
+    for any size); a UserError if it is truncated or corrupt."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:
+        pass  # some file systems cannot map files: read it whole before calling it broken
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise unreadable_checkpoint(path, e) from None
+
+
+def check_resume(path: str | Path, model, training: bool = True) -> None:
+    """Fail with one line, before anything is written, if a run cannot start from ``path``.
+
+    A missing, truncated or corrupt file, one of another model (another vocabulary, size or kind) is
+    refused, and for training (``fit``) one written with weights only. A sharded checkpoint (a folder,
+    FSDP2's distributed format) is left to Lightning.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir() and ((path / ".metadata").is_file() or (path / "meta.pt").is_file()):
+        return
+    if is_export(path):
+        raise UserError(f"--ckpt_path {path} is a model folder (an export), not a training checkpoint; start from "
+                        f"its weights with --checkpoint {path}")
+    if not path.is_file():
+        raise UserError(f"--ckpt_path {path}: no such checkpoint; give a .ckpt file, or 'last' to resume from the "
+                        "newest last.ckpt of trainer.default_root_dir")
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UserError(f"--ckpt_path {path} is not a Lightning training checkpoint (no state_dict)")
+    if training and ("optimizer_states" not in ckpt or "loops" not in ckpt):
+        raise UserError(f"--ckpt_path {path} holds weights only (no optimizer or loop state) and cannot resume "
+                        "training; use it with generate or ppl")
+    kind = ckpt.get("mdlm_kit_model")
+    if kind is not None and kind != getattr(model, "kind", kind):
+        raise UserError(f"--ckpt_path {path} holds a {kind} model; this run trains a {model.kind} model "
+                        "(set model.class_path as in the run that wrote it)")
+    ours = model.state_dict()
+    theirs = ckpt["state_dict"]
+    embed = "backbone.embed.weight"
+    if embed in ours and embed in theirs and ours[embed].shape[0] != theirs[embed].shape[0]:
+        raise UserError(f"--ckpt_path {path} was trained with a vocabulary of {theirs[embed].shape[0]} ids (with "
+                        f"the mask), this run's data gives {ours[embed].shape[0]}: resume with the corpus and "
+                        "tokenizer of the run that wrote it")
+    for name, value in ours.items():
+        if name not in theirs or tuple(theirs[name].shape) != tuple(value.shape):
+            have = "missing" if name not in theirs else f"shape {tuple(theirs[name].shape)}"
+            raise UserError(f"--ckpt_path {path} holds another model ({name}: {have} in the checkpoint, "
+                            f"{tuple(value.shape)} here): resume with the model settings of the run that wrote it")
+
+
+def load_ckpt(path: Path, map_location: str = "cpu", kind: str | None = None):
+    """(model in eval mode, its TextDataModule) from a ``.ckpt`` written by ``mdlm-kit fit``."""
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}; give a .ckpt file (DIR/checkpoints/last.ckpt) or an "
+                        "mdlm-kit export folder")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or corrupt: "
+                        "use another one (the step checkpoints beside it)") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise UserError(f"{path} is not an mdlm-kit checkpoint (no state_dict/hyper_parameters)")
+    from mdlm_kit.data import TextDataModule
+
+    cls = _model_class(ckpt)
+    if kind is not None and cls.kind != kind:
+        need = {"diffusion": "a masked diffusion model", "autoregressive": "an autoregressive model"}[kind]
+        raise UserError(f"{path} holds the {cls.kind} model {cls.__name__}; this command needs {need}")
+    model = cls(**known_kwargs(cls, ckpt["hyper_parameters"]))
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit the model described in it ({str(e).splitlines()[0]})") from None
+    model.eval()
+    model.run_info = run_info(ckpt)
+    dm_hparams = dict(ckpt.get("datamodule_hyper_parameters", {}))
+    if "separators" in dm_hparams and "packing" not in dm_hparams:  # checkpoints from before data.packing
+        dm_hparams["packing"] = "stream" if dm_hparams.pop("separators") else "concat"
+    dm_kwargs = known_kwargs(TextDataModule, dm_hparams)
+    dm = TextDataModule(**dm_kwargs)
+    state = ckpt.get(TextDataModule.__qualname__)
+    if state is not None:
+        dm.load_state_dict(state)
+    return model, dm

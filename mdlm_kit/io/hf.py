@@ -1,0 +1,100 @@
+"""The Hugging Face export read back: ``load_export``, and the export's classes registered with the Auto classes.
+
+A folder written by ``mdlm-kit export`` carries its modeling code (``configuration_mdlm_kit``, ``modeling_mdlm_kit``
+and the DiT) and loads with ``AutoModelForMaskedLM.from_pretrained(DIR, trust_remote_code=True)``
+(``AutoModelForCausalLM`` for the autoregressive kind) without mdlm-kit. Importing this module registers the same
+classes with the Auto classes, so in this process the folder loads without ``trust_remote_code``.
+``load_export`` (every ``--checkpoint`` of the ``mdlm-kit`` command) rebuilds the toolkit's LightningModule and
+data module from config.json and the safetensors weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import Tensor
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+from mdlm_kit.errors import UserError
+from mdlm_kit.io.ckpt import known_kwargs
+from mdlm_kit.io.configuration_mdlm_kit import MdlmKitConfig
+from mdlm_kit.io.modeling_mdlm_kit import MdlmKitForCausalLM, MdlmKitForMaskedLM
+
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+AUTO_CLASSES = {"diffusion": (AutoModelForMaskedLM, MdlmKitForMaskedLM),
+                "autoregressive": (AutoModelForCausalLM, MdlmKitForCausalLM)}
+
+# exist_ok: a second import (importlib.reload, a notebook re-running cells) re-registers instead of failing
+AutoConfig.register(MdlmKitConfig.model_type, MdlmKitConfig, exist_ok=True)
+for _auto, _cls in AUTO_CLASSES.values():
+    _auto.register(MdlmKitConfig, _cls, exist_ok=True)
+
+
+def _read_weights(folder: Path, device: str) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    index = folder / WEIGHTS_INDEX
+    if index.is_file():  # sharded: save_pretrained splits files above max_shard_size
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / WEIGHTS).is_file():
+        shards = [WEIGHTS]
+    else:
+        raise UserError(f"{folder} has no {WEIGHTS}; the export is incomplete")
+    state = {}
+    for name in shards:
+        try:
+            state.update(load_file(folder / name, device=device))
+        except Exception as e:
+            raise UserError(f"{folder / name} is not a readable safetensors file ({type(e).__name__}); it may be "
+                            "truncated or corrupt") from None
+    return state
+
+
+def load_export(path: str | Path, map_location: str = "cpu", kind: str | None = None):
+    """(model in eval mode, TextDataModule with the export's tokenizer) from a folder written by ``export``.
+
+    The same contract as ``mdlm_kit.io.load_checkpoint``: a ``MaskedDiffusionLM`` or an ``AutoregressiveLM`` built
+    from config.json's DiT, schedule and ``num_steps`` (constructor defaults for the training settings), with the
+    weights of the safetensors file(s); ``kind`` (``diffusion`` or ``autoregressive``) makes any other kind an error.
+    """
+    from mdlm_kit.data import TextDataModule
+    from mdlm_kit.lightning import MODELS
+    from mdlm_kit.models import SIZES
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"{path} is a folder but not an mdlm-kit export (no config.json)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{cfg_file} is not readable JSON ({type(e).__name__})") from None
+    if not isinstance(cfg, dict) or cfg.get("model_type") != MdlmKitConfig.model_type:
+        found = cfg.get("model_type") if isinstance(cfg, dict) else None
+        raise UserError(f"{path} is a folder but not an mdlm-kit export (config.json has model_type {found!r})")
+    cls, dit = MODELS.get(cfg.get("kind", "diffusion")), cfg.get("dit_config")
+    if cls is None or not isinstance(dit, dict) or not isinstance(cfg.get("data"), dict):
+        raise UserError(f"{cfg_file}: no model kind, dit_config and data that mdlm-kit knows; re-export the checkpoint")
+    if kind is not None and cls.kind != kind:
+        need = {"diffusion": "a masked diffusion model", "autoregressive": "an autoregressive model"}[kind]
+        raise UserError(f"{path} holds the {cls.kind} model {cls.__name__}; this command needs {need}")
+    # AutoregressiveLM takes no cond_dim (a causal DiT has no time embedding) but its config holds the named size's,
+    # which fine-tuning from the export compares with the run's: the size with the recorded cond_dim
+    size = next((name for name, s in SIZES.items() if s["cond_dim"] == dit.get("cond_dim")), "tiny")
+    facts = {**dit, "size": size, "schedule": cfg.get("schedule"), "num_steps": cfg.get("num_steps")}
+    model = cls(**known_kwargs(cls, facts))
+    state = _read_weights(path, map_location)
+    prefix = "backbone."
+    if any(not k.startswith(prefix) for k in state):
+        raise UserError(f"{path}: weights outside the backbone ({next(k for k in state if not k.startswith(prefix))})")
+    try:
+        model.backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items()})
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit the model described in it ({str(e).splitlines()[0]})") from None
+    model.eval()
+    dm = TextDataModule(**known_kwargs(TextDataModule, cfg["data"]))
+    if cfg.get("tokenizer_spec") is not None:
+        dm.load_state_dict({"tokenizer": cfg["tokenizer_spec"]})
+    return model, dm

@@ -1,0 +1,111 @@
+"""The models of an mdlm-kit export: the DiT under Hugging Face's ``PreTrainedModel``.
+
+Copied into every export folder as remote code, as ``configuration_mdlm_kit.py`` is: it may import only torch,
+transformers, that file and the DiT.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as hf_init
+from transformers.modeling_outputs import CausalLMOutput, MaskedLMOutput
+
+from ..models.dit import DiT, Rotary
+from .configuration_mdlm_kit import MdlmKitConfig
+
+
+class MdlmKitPreTrainedModel(PreTrainedModel):
+    """The DiT under ``backbone``, with the same parameter names as the LightningModule's state_dict."""
+
+    config_class = MdlmKitConfig
+    config: MdlmKitConfig
+    base_model_prefix = "backbone"
+    main_input_name = "input_ids"
+    _no_split_modules = ["Block"]
+    # transformers 5 reads a {target: source} dict; empty, with tie_word_embeddings=False, so nothing is tied
+    _tied_weights_keys: dict[str, str] = {}
+    causal = False
+
+    def __init__(self, config: MdlmKitConfig):
+        super().__init__(config)
+        self.backbone = DiT(config.dit(), causal=self.causal)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.backbone.embed
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.backbone.final.linear
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """The DiT's own initialization (``DiT.reset_parameters``), not transformers' generic normal(0.02).
+
+        ``from_pretrained`` runs this after loading: under transformers' guard, the init functions skip every
+        tensor it loaded (flag ``_is_hf_initialized``), so loaded weights stay bit-exact and only what the
+        file lacks is initialized, among them the rotary tables (non-persistent buffers, left empty by the
+        meta-device construction).
+        """
+        with hf_init.guard_torch_init_functions():
+            self.backbone.reset_parameters()
+        for name, module in self.named_modules():
+            if isinstance(module, Rotary):
+                self._init_weights(module)
+            elif buffers := sorted(module._non_persistent_buffers_set):  # would load as uninitialized memory
+                raise NotImplementedError(f"{name} has non-persistent buffers {buffers}; recompute them in "
+                                          "MdlmKitPreTrainedModel._init_weights")
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, Rotary):
+            head_dim, max_len = module.cos.shape[-1], module.cos.shape[0]
+            with torch.device("cpu"):  # from_pretrained builds under a meta-device context
+                fresh = Rotary(head_dim, max_len, self.config.dit().rope_base)
+            hf_init.copy_(module.cos, fresh.cos.to(module.cos.device))
+            hf_init.copy_(module.sin, fresh.sin.to(module.sin.device))
+        elif isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+            module.reset_parameters()  # PyTorch's default, as DiT.reset_parameters (e.g. a resized embedding)
+
+
+class MdlmKitForMaskedLM(MdlmKitPreTrainedModel):
+    """A masked diffusion model: ``forward(input_ids, cond=...) -> MaskedLMOutput(logits)``.
+
+    ``logits`` (B, S, vocab_size) are the DiT's raw scores, the mask token's column (the last id) included;
+    mdlm-kit's objective and samplers never predict the mask (SUBS: its logit is -inf) and carry unmasked
+    tokens over.
+    """
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cond: Tensor | None = None,
+                return_dict: bool | None = None, **kwargs) -> MaskedLMOutput | tuple[Tensor]:
+        """Args:
+            input_ids: (B, S) token ids, the mask id (``config.mask_token_id``) where a token is masked.
+            attention_mask: accepted and ignored: the model attends to every position, as in training
+                (padding is a token it saw there, left out only of the loss).
+            cond: (B,) mask rate 1 - alpha(t) of each sequence; required by time-conditioned models
+                (``dit_config.time_conditioning``), ignored by time-agnostic ones.
+        """
+        logits = self.backbone(input_ids, cond)  # (B, S, V)
+        return (logits,) if return_dict is False else MaskedLMOutput(logits=logits)
+
+
+class MdlmKitForCausalLM(MdlmKitPreTrainedModel, GenerationMixin):
+    """The autoregressive baseline: ``forward(input_ids) -> CausalLMOutput(logits)``, position l predicting l+1.
+
+    Sequences start with the start token, which is the mask id (``config.bos_token_id``); the model never
+    predicts it (``generation_config.suppress_tokens``). No key/value cache: ``generate`` recomputes the prefix.
+    """
+
+    causal = True
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, return_dict: bool | None = None,
+                **kwargs) -> CausalLMOutput | tuple[Tensor]:
+        """Args:
+            input_ids: (B, S) token ids, the first being the start token (the mask id).
+            attention_mask: accepted and ignored (causal attention over every position; pad on the right).
+        """
+        logits = self.backbone(input_ids, None)  # (B, S, V)
+        return (logits,) if return_dict is False else CausalLMOutput(logits=logits)
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, **kwargs) -> dict:
+        return {"input_ids": input_ids}
