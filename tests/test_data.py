@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from mdlm_kit.data import TextDataModule, load_gpt2, pack_wrap
+from mdlm_kit.data import TextDataModule, Tokenizer, load_gpt2
+from mdlm_kit.data.cache import Blocks, Packing
 from mdlm_kit.data.corpora import SHAKESPEARE_VAL, load_corpus
-from mdlm_kit.data.tokenizers import CharTokenizer, build_tokenizer, tokenizer_from_dict, train_bpe
+from mdlm_kit.data.tokenizers import build_tokenizer, tokenizer_from_dict, train_bpe
 from mdlm_kit.errors import UserError
 
 
@@ -18,17 +19,37 @@ def text_folder(tmp_path):
     return tmp_path, docs
 
 
-def test_pack_wrap_separates_documents_with_bos_eos_and_drops_the_tail():
-    blocks = pack_wrap([[5, 6, 7], [8], [9, 10]], bos_id=0, eos_id=1, seq_len=4)
-    assert blocks.tolist() == [[0, 5, 6, 7], [1, 0, 8, 1], [0, 9, 10, 1]]
-    assert pack_wrap([[5, 6, 7]], 0, 1, 4).tolist() == [[0, 5, 6, 7]]  # the lone EOS tail is dropped
+@pytest.mark.parametrize("packing, insert_eos, expected, lengths", [
+    ("stream", True, [[0, 5, 6, 7], [1, 0, 8, 1], [0, 9, 10, 1]], [4, 4, 4]),  # [BOS] doc [EOS] ..., cut
+    ("wrap", True, [[0, 5, 6, 1], [0, 7, 1, 1], [0, 8, 1, 1], [0, 9, 10, 1]], [4] * 4),  # doc [EOS] ..., L - 2
+    ("wrap", False, [[0, 5, 6, 1], [0, 7, 8, 1], [0, 9, 10, 1]], [4] * 3),
+    ("concat", True, [[5, 6, 7, 8]], [4]),  # back to back; the tail shorter than a block is dropped
+    ("pad", True, [[0, 5, 6, 1], [0, 8, 1, 2], [0, 9, 10, 1]], [4, 3, 4]),  # one (truncated) document a block
+])
+def test_the_packer_makes_each_packing(packing, insert_eos, expected, lengths):
+    p = Packing(packing, 4, bos_id=0, eos_id=1, pad_id=2, insert_eos=insert_eos)
+    blocks = Blocks(p.stream([[5, 6, 7], [8], [9, 10]]), p)
+    assert blocks[:].tolist() == expected and len(blocks) == len(expected) and blocks.padded == (packing == "pad")
+    assert [blocks[i].tolist() for i in range(len(blocks))] == expected == blocks[list(range(len(expected)))].tolist()
+    assert blocks.lengths(slice(None)).tolist() == lengths
+    assert blocks.head(1)[:].tolist() == expected[:1]
+    # what is left after the last block starts the next one (the streaming reader carries it over)
+    whole = Blocks(p.stream([[11, 12, 13, 14, 15, 16]], head=blocks.rest()), p)
+    every = Blocks(p.stream([[5, 6, 7], [8], [9, 10], [11, 12, 13, 14, 15, 16]]), p)
+    assert np.concatenate([blocks[:], whole[:]]).tolist() == every[:].tolist()
 
 
-def test_char_tokenizer_round_trip_and_unknowns():
-    tok = CharTokenizer.train(["hello world"])
-    assert tok.decode(tok.encode("hello")) == "hello"
-    assert tok.encode("hz")[1] == tok.unk_id
+def test_one_tokenizer_type_and_the_char_ids():
+    tok = build_tokenizer("char", ["hello world"], 0, None)
+    assert tok.encode("hello world") == [6, 5, 7, 7, 8, 3, 10, 8, 9, 7, 4]  # BOS, EOS, UNK, then sorted characters
+    assert tok.encode("hz<bos>") == [6, 2, 2, 2, 8, 2, 2]  # unknown characters are UNK, special names spelled out
+    assert tok.decode([0, *tok.encode("hello"), 2, 1]) == "hello\ufffd" and tok.vocab_size == 11
     assert tokenizer_from_dict(json.loads(json.dumps(tok.to_dict()))).encode("world") == tok.encode("world")
+    long = "hello world " * 1000  # encoded in pieces: the same ids as one piece
+    assert tok.encode(long) == tok.tok.encode(long, add_special_tokens=False).ids
+    assert tok.fingerprint() == tokenizer_from_dict(tok.to_dict()).fingerprint() != load_gpt2().fingerprint()
+    for t in (tok, train_bpe(["to be or not to be"] * 20, 300), load_gpt2()):
+        assert type(t) is Tokenizer and type(t.tok).__module__.startswith("tokenizers")
 
 
 def test_bpe_is_trained_on_the_corpus_with_the_requested_size_and_cached(tmp_path):
@@ -74,12 +95,12 @@ def test_datamodule_blocks_vocab_and_unigram_entropy(text_folder, cache_root):
     path, _ = text_folder
     dm = TextDataModule(corpus=str(path), tokenizer="char", seq_len=32, batch_size=4, val_fraction=0.2)
     dm.setup("fit")
-    train = np.asarray(dm.blocks("train"))
+    train = dm.blocks("train")[:]
     assert train.shape[1] == 32 and train.max() < dm.model_vocab_size - 1  # the mask id never appears in data
     assert dm.mask_id == dm.model_vocab_size - 1
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == (4, 32) and batch["input_ids"].dtype == torch.int64
-    counts = np.bincount(np.asarray(dm.blocks("val")).reshape(-1))
+    counts = np.bincount(dm.blocks("val")[:].reshape(-1))
     p = counts[counts > 0] / counts.sum()
     assert dm.unigram_entropy("val") == pytest.approx(float(-(p * np.log(p)).sum()))
     assert 0 < dm.unigram_entropy("val") < np.log(dm.model_vocab_size)
@@ -115,10 +136,10 @@ def test_datamodule_concat_packing_concatenates_documents(tmp_path, cache_root):
     tok = plain.tokenizer
     text = "".join(tok.decode(b.tolist()) for b in plain.blocks("train"))
     assert text == "".join(docs[:4])  # 4 x 32 characters: 8 blocks, nothing between documents
-    assert plain.blocks("train").shape == (8, 16)
-    stream = np.asarray(wrapped.blocks("train")).reshape(-1)
+    assert plain.blocks("train")[:].shape == (8, 16)
+    stream = wrapped.blocks("train")[:].reshape(-1)
     assert stream[0] == wrapped.tokenizer.bos_id and wrapped.tokenizer.eos_id in stream
-    assert tok.bos_id not in np.asarray(plain.blocks("train")) and tok.eos_id not in np.asarray(plain.blocks("train"))
+    assert tok.bos_id not in plain.blocks("train")[:] and tok.eos_id not in plain.blocks("train")[:]
 
 
 def test_empty_binary_and_non_utf8_corpora_are_user_errors(tmp_path, cache_root):

@@ -14,7 +14,7 @@ import torch
 
 from helpers import CONFIGS, ROOT, run_cli, write_corpus
 from mdlm_kit.data import TextDataModule
-from mdlm_kit.data.cache import build_split, token_dtype
+from mdlm_kit.data.cache import Blocks, Packing, build_split, token_dtype
 from mdlm_kit.data.recipes import lm1b_detokenize, load_recipe_splits, ptb_detokenize, wikitext_detokenize
 from mdlm_kit.data.tokenizers import load_gpt2
 from mdlm_kit.errors import UserError
@@ -66,7 +66,7 @@ def test_openwebtext_recipe_wraps_gpt2_tokens_like_mdlm_and_holds_out_the_last_d
         stream = [t for ids in _gpt2_ids(docs) for t in [*ids, eot]]
         n = len(stream) // 14
         expected = np.array([[eot, *stream[i * 14 : (i + 1) * 14], eot] for i in range(n)])
-        np.testing.assert_array_equal(np.asarray(dm.blocks(split)), expected)
+        np.testing.assert_array_equal(dm.blocks(split)[:], expected)
     assert dm.model_vocab_size == 50258  # GPT-2's 50,257 tokens and the mask as the last id
 
     # The hub path: the same loading code with datasets.load_dataset answering for the hub
@@ -81,7 +81,7 @@ def test_openwebtext_recipe_wraps_gpt2_tokens_like_mdlm_and_holds_out_the_last_d
     hub.prepare()
     assert calls == [("Skylion007/openwebtext", None)]
     for split in ("train", "val"):
-        np.testing.assert_array_equal(np.asarray(hub.blocks(split)), np.asarray(dm.blocks(split)))
+        np.testing.assert_array_equal(hub.blocks(split)[:], dm.blocks(split)[:])
 
 
 def test_openwebtext_from_parquet_files_named_like_the_hub_gives_the_same_blocks(owt_disk, tmp_path):
@@ -91,7 +91,7 @@ def test_openwebtext_from_parquet_files_named_like_the_hub_gives_the_same_blocks
     kw = dict(corpus="openwebtext", tokenizer="gpt2", packing="wrap", seq_len=16, val_docs=3)
     a, b = TextDataModule(path=str(folder), **kw), TextDataModule(path=str(owt_disk), **kw)
     for split in ("train", "val"):
-        np.testing.assert_array_equal(np.asarray(a.blocks(split)), np.asarray(b.blocks(split)))
+        np.testing.assert_array_equal(a.blocks(split)[:], b.blocks(split)[:])
     with pytest.raises(UserError, match="not more than the 12 held out"):
         TextDataModule(path=str(folder), **{**kw, "val_docs": 12}).prepare()
 
@@ -113,7 +113,7 @@ def test_lm1b_recipe_pads_bert_tokens_like_mdlm_and_padding_is_not_scored(bert_d
     for split, texts in (("train", train), ("val", test)):
         ref = hf([lm1b_detokenize(t) for t in texts], max_length=L, padding="max_length", truncation=True)
         blocks = dm.blocks(split)
-        np.testing.assert_array_equal(np.asarray(blocks), np.array(ref["input_ids"]))
+        np.testing.assert_array_equal(blocks[:], np.array(ref["input_ids"]))
         np.testing.assert_array_equal(blocks.lengths(slice(None)), np.array(ref["attention_mask"]).sum(1))
     assert len(dm.blocks("val")[1]) == L and dm.blocks("val").lengths([1])[0] == L  # the long one: truncated
     batch = next(iter(dm.train_dataloader()))
@@ -121,7 +121,7 @@ def test_lm1b_recipe_pads_bert_tokens_like_mdlm_and_padding_is_not_scored(bert_d
     # the tokenizer travels with the checkpoint state and decodes offline
     again = TextDataModule(corpus="lm1b", path=str(path), tokenizer=str(bert_dir), packing="pad", seq_len=L)
     again.load_state_dict(dm.state_dict())
-    assert again.tokenizer.decode(np.asarray(dm.blocks("val")[0]).tolist()).startswith("the cat ran home")
+    assert again.tokenizer.decode(dm.blocks("val")[0].tolist()).startswith("the cat ran home")
 
 
 def test_text8_recipe_is_character_level_with_the_standard_split(tmp_path):
@@ -136,11 +136,11 @@ def test_text8_recipe_is_character_level_with_the_standard_split(tmp_path):
     assert dm.tokenizer.vocab_size == 27 + 3  # the 27 symbols, BOS, EOS, UNK
     assert len(train) == 18_000 // 256 and len(val) == 1_000 // 256  # 90% / 5% (/ 5% test) of the characters
     for i in (0, 7, len(train) - 1):
-        assert dm.tokenizer.decode(np.asarray(train[i]).tolist()) == text[i * 256 : (i + 1) * 256]
-    assert dm.tokenizer.decode(np.asarray(val[0]).tolist()) == text[18_000 : 18_256]
+        assert dm.tokenizer.decode(train[i].tolist()) == text[i * 256 : (i + 1) * 256]
+    assert dm.tokenizer.decode(val[0].tolist()) == text[18_000 : 18_256]
     zipped = TextDataModule(corpus="text8", path=str(tmp_path / "text8.zip"), tokenizer="char", packing="concat",
                             seq_len=256)
-    np.testing.assert_array_equal(np.asarray(zipped.blocks("train")), np.asarray(train))
+    np.testing.assert_array_equal(zipped.blocks("train")[:], train[:])
     test = load_recipe_splits("text8", str(tmp_path / "text8"), eval_split="test")["val"]
     assert test["text"] == [text[19_000:]]
 
@@ -188,17 +188,17 @@ def test_second_run_reads_the_cache_without_tokenizing(tmp_path, monkeypatch):
     corpus = write_corpus(tmp_path / "c", seed=7)  # text no other test uses: not in the session's cache yet
     first = TextDataModule(corpus=str(corpus), tokenizer="char", seq_len=32)
     first.prepare()
-    assert not first.stats["train"].cached and first.stats["train"].tokens > 0
+    assert not first.stats["train"]["cached"] and first.stats["train"]["tokens"] > 0
     from mdlm_kit.data import tokenizers
 
     def boom(self, texts):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr(tokenizers.CharTokenizer, "encode_batch", boom)
+    monkeypatch.setattr(tokenizers.Tokenizer, "encode_batch", boom)
     second = TextDataModule(corpus=str(corpus), tokenizer="char", seq_len=32)
     second.prepare()
-    assert second.stats["train"].cached and second.stats["val"].cached
-    np.testing.assert_array_equal(np.asarray(second.blocks("train")), np.asarray(first.blocks("train")))
+    assert second.stats["train"]["cached"] and second.stats["val"]["cached"]
+    np.testing.assert_array_equal(second.blocks("train")[:], first.blocks("train")[:])
     # another packing of the same text is another cache entry (and tokenizes)
     with pytest.raises(AssertionError, match="tokenized again"):
         TextDataModule(corpus=str(corpus), tokenizer="char", seq_len=32, packing="concat").prepare()
@@ -211,12 +211,13 @@ def test_token_cache_stores_uint32_above_65536_ids_and_spans_shards(tmp_path):
     def encode(texts):
         return [[70_000 + 13 * i + len(t) for i in range(len(t))] for t in texts]
 
-    stream, stats = build_split(tmp_path / "s", ds, encode, 80_000, [1], [2], meta={}, shard_tokens=16)
-    assert stream.dtype == np.uint32 and stats.shards == -(-(74 + 10) // 16)
+    stream, stats = build_split(tmp_path / "s", ds, encode, 80_000, Packing("stream", 4, 1, 2, 2), meta={},
+                                shard_tokens=16)
+    assert stream.shards[0].dtype == np.uint32 and stats["shards"] == len(stream.shards) == -(-(74 + 10) // 16)
     expected = np.concatenate([[1, *ids, 2] for ids in encode(ds["text"])])
     np.testing.assert_array_equal(stream.read(0, len(stream)), expected)
     np.testing.assert_array_equal(stream.read(13, 50), expected[13:50])  # across shard boundaries
-    np.testing.assert_array_equal(stream.doc(3), expected[7 + 19 + 5 : 7 + 19 + 5 + 42])  # [1] 40 ids [2]
+    assert stream.doc_ends.tolist() == np.cumsum([7, 19, 5, 42, 11]).tolist()  # [1] ids [2] per document
 
 
 _KILL_SCRIPT = """
@@ -224,12 +225,12 @@ import sys, time
 from mdlm_kit.data import TextDataModule
 from mdlm_kit.data import cache
 
-write = cache._ShardWriter._write
-def slow_write(self, arr):
-    write(self, arr)
+write = cache._write_shard
+def slow_write(path, tokens):
+    write(path, tokens)
     print("shard", flush=True)
     time.sleep(0.5)
-cache._ShardWriter._write = slow_write
+cache._write_shard = slow_write
 TextDataModule(corpus=sys.argv[1], tokenizer="char", seq_len=32, shard_tokens=2000).prepare()
 print("done", flush=True)
 """
@@ -254,11 +255,11 @@ def test_a_killed_preparation_leaves_no_partial_cache_and_the_next_run_rebuilds_
     try:
         dm = TextDataModule(corpus=str(corpus), tokenizer="char", seq_len=32, shard_tokens=2000)
         dm.prepare()
-        assert not dm.stats["train"].cached and dm.stats["train"].shards > 1
+        assert not dm.stats["train"]["cached"] and dm.stats["train"]["shards"] > 1
         assert not [p for p in tokens.rglob("*") if ".tmp-" in p.name]  # the dead run's leftovers are gone
         os.environ["MDLM_KIT_CACHE"] = str(tmp_path / "fresh")
         clean = TextDataModule(corpus=str(corpus), tokenizer="char", seq_len=32)
-        np.testing.assert_array_equal(np.asarray(dm.blocks("train")), np.asarray(clean.blocks("train")))
+        np.testing.assert_array_equal(dm.blocks("train")[:], clean.blocks("train")[:])
     finally:
         os.environ["MDLM_KIT_CACHE"] = str(cache_root)
 
@@ -430,8 +431,8 @@ def test_streaming_gives_the_cached_blocks_in_stream_order(owt_disk):
     from mdlm_kit.data.datamodule import StreamingBlocks
 
     blocks = np.stack([b for b, _ in StreamingBlocks(streamed._stream, streamed, 1, 0).blocks(epochs=1)])
-    np.testing.assert_array_equal(blocks, np.asarray(cached.blocks("train")))
-    np.testing.assert_array_equal(np.asarray(streamed.blocks("val")), np.asarray(cached.blocks("val")))
+    np.testing.assert_array_equal(blocks, cached.blocks("train")[:])
+    np.testing.assert_array_equal(streamed.blocks("val")[:], cached.blocks("val")[:])
     with pytest.raises(UserError, match="streamed"):
         streamed.blocks("train")
     # the stream is endless: the second pass follows the first
@@ -509,7 +510,7 @@ def test_hub_and_local_copy_give_the_same_blocks(tmp_path, monkeypatch, recipe, 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     hub_dm = TextDataModule(corpus=recipe, tokenizer="char", seq_len=16)
     for split in ("train", "val"):
-        np.testing.assert_array_equal(np.asarray(hub_dm.blocks(split)), np.asarray(local.blocks(split)))
+        np.testing.assert_array_equal(hub_dm.blocks(split)[:], local.blocks(split)[:])
     assert calls == [(hub, config)]
 
 
@@ -517,7 +518,8 @@ def test_hub_and_local_copy_give_the_same_blocks(tmp_path, monkeypatch, recipe, 
 def test_validation_batches_are_even_across_ranks_and_fillers_weigh_nothing():
     from mdlm_kit.data.datamodule import BlockDataset, _ShardSampler
 
-    blocks = np.arange(10 * 4).reshape(10, 4)
+    packing = Packing("concat", 4, 0, 0, 0)
+    blocks = Blocks(packing.stream([list(range(10 * 4))]), packing)
     seen = []
     for rank in range(4):
         batches = list(_ShardSampler(10, 2, 4, rank))
@@ -539,8 +541,8 @@ def test_unreadable_index_is_rebuilt_and_map_leaves_nothing_in_the_dataset_folde
     (dm.cache_folder / "train" / "index.json").write_text('{"dtype": "uint1')  # a truncated write
     again = TextDataModule(**kw)
     again.prepare()
-    assert not again.stats["train"].cached and again.stats["val"].cached
-    np.testing.assert_array_equal(np.asarray(again.blocks("train")), np.asarray(dm.blocks("train")))
+    assert not again.stats["train"]["cached"] and again.stats["val"]["cached"]
+    np.testing.assert_array_equal(again.blocks("train")[:], dm.blocks("train")[:])
 
 
 

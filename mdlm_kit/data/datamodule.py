@@ -1,21 +1,9 @@
-"""The LightningDataModule: corpus -> tokenizer -> token cache -> fixed-length blocks -> batches.
-
-Sources (``data.corpus``): the embedded Shakespeare, local text/JSONL files, or a dataset recipe
-(``openwebtext``, ``lm1b``, ``text8``, ``wikitext103``, ..., ``hf:NAME``; see ``mdlm_kit.data.recipes``)
-loaded through Hugging Face ``datasets`` from the hub or from a local copy (``data.path``).
-
-Batches are made by ``EpochBatchSampler``: a permutation of the blocks per epoch from (seed, epoch),
-cut into global batches; rank r of W processes takes the r-th contiguous slice of each global batch.
-A sample's position in the global stream (which keys its corruption noise) is therefore the same
-with one process or many, and a run resumed from a checkpoint continues from the batch after the
-last one it trained on (the position is saved in the checkpoint).
-"""
+"""The LightningDataModule: corpus -> tokenizer -> token cache -> fixed-length blocks -> batches."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 
 import lightning as L
@@ -23,48 +11,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mdlm_kit.data.cache import (
-    PACKINGS,
-    SHARD_TOKENS,
-    ArrayStream,
-    Blocks,
-    BuildStats,
-    build_split,
-    pad_block,
-    separators,
-)
-from mdlm_kit.data.corpora import Corpus, load_corpus
+from mdlm_kit.data.cache import PACKINGS, SHARD_TOKENS, Blocks, Packing, build_split
+from mdlm_kit.data.corpora import load_corpus
 from mdlm_kit.data.recipes import is_dataset_name, load_recipe_splits
-from mdlm_kit.data.tokenizers import Tokenizer, build_tokenizer, check_tokenizer_name, tokenizer_from_dict
+from mdlm_kit.data.tokenizers import TOKENIZERS, Tokenizer, build_tokenizer, tokenizer_from_dict
 from mdlm_kit.errors import UserError
+from mdlm_kit.lightning_gaps import uses_distributed_sampler
 from mdlm_kit.utils import cache_dir
-
-log = logging.getLogger(__name__)
-
-
-def wrap_stream(docs: list[list[int]], bos_id: int | None, eos_id: int | None) -> np.ndarray:
-    """One stream [BOS] doc [EOS] [BOS] doc [EOS] ... (no separators where the ids are None)."""
-    pre = [] if bos_id is None else [bos_id]
-    post = [] if eos_id is None else [eos_id]
-    pieces = [np.asarray([*pre, *ids, *post], dtype=np.int64) for ids in docs]
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-
-
-def to_blocks(stream: np.ndarray, seq_len: int) -> np.ndarray:
-    """(N, seq_len) view of a token stream; the tail shorter than a block is dropped."""
-    n = len(stream) // seq_len
-    return stream[: n * seq_len].reshape(n, seq_len)
-
-
-def pack_wrap(docs: list[list[int]], bos_id: int, eos_id: int, seq_len: int) -> np.ndarray:
-    """Documents wrapped with BOS/EOS, concatenated and cut into (N, seq_len) blocks."""
-    return to_blocks(wrap_stream(docs, bos_id, eos_id), seq_len)
 
 
 class BlockDataset(Dataset):
     """Fixed-length blocks; each item carries its index (and, under padding, which tokens are real)."""
 
-    def __init__(self, blocks):
+    def __init__(self, blocks: Blocks):
         self.blocks = blocks
 
     def __len__(self) -> int:
@@ -74,11 +33,9 @@ class BlockDataset(Dataset):
         weight = 1.0
         if i < 0:  # a filler entry of the validation sampler: block -1 - i, counted with weight 0
             i, weight = -1 - i, 0.0
-        item = {"input_ids": torch.from_numpy(np.asarray(self.blocks[i], dtype=np.int64)), "index": i,
-                "weight": weight}
-        if getattr(self.blocks, "padded", False):
-            n = int(self.blocks.lengths([i])[0])
-            item["valid"] = torch.arange(self.blocks.seq_len) < n
+        item = {"input_ids": torch.from_numpy(self.blocks[i]), "index": i, "weight": weight}
+        if self.blocks.padded:
+            item["valid"] = torch.arange(self.blocks.seq_len) < int(self.blocks.lengths([i])[0])
         return item
 
 
@@ -86,42 +43,28 @@ class EpochBatchSampler:
     """Global batches from a per-epoch permutation, each process taking its slice; resumable mid-epoch.
 
     Epoch e uses the permutation drawn from (seed, e). Global batch n holds permutation entries
-    [n B, (n + 1) B) with B = batch_size * world_size; rank r takes entries [n B + r b, n B + (r + 1) b).
-    A resumed run leaves out the first ``skip`` batches of epoch ``epoch``. ``epoch_fn`` (the trainer's
-    current epoch) is read at the start of each pass; Lightning calls ``set_epoch`` on samplers, not
-    on batch samplers.
+    [n B, (n + 1) B) with B = batch_size * world_size; rank r takes entries [n B + r b, n B + (r + 1) b), so
+    a sample's position in the global stream (which keys its corruption noise) is the same with one process
+    or many. A resumed run leaves out the first ``skip`` batches of epoch ``epoch``. ``epoch_fn`` (the
+    trainer's current epoch) is read at the start of each pass: Lightning tells samplers the epoch, not batch
+    samplers.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
-                 shuffle: bool = True, skip: int = 0, epoch: int = 0, epoch_fn=None):
-        self.num_samples, self.batch_size = num_samples, batch_size
-        self.world_size, self.rank, self.seed, self.shuffle = world_size, rank, seed, shuffle
-        self.epoch, self.skip, self.epoch_fn = epoch, skip, epoch_fn
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.num_samples // (self.batch_size * self.world_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.skip = 0  # the resumed position applies to the epoch it was saved in only
-        self.epoch = epoch
-
-    def order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.num_samples)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_samples, generator=g).numpy()
+    def __init__(self, num_samples: int, batch_size: int, world_size: int, rank: int, seed: int, epoch_fn=None):
+        self.num_samples, self.batch_size, self.world_size, self.rank = num_samples, batch_size, world_size, rank
+        self.seed, self.epoch, self.skip, self.epoch_fn = seed, 0, 0, epoch_fn
+        self.batches_per_epoch = num_samples // (batch_size * world_size)
 
     def __iter__(self):
-        if self.epoch_fn is not None:
-            self.set_epoch(int(self.epoch_fn()))
-        perm = self.order(self.epoch)
+        epoch = self.epoch if self.epoch_fn is None else int(self.epoch_fn())
+        if epoch != self.epoch:  # the resumed position applies to the epoch it was saved in only
+            self.epoch, self.skip = epoch, 0
+        perm = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(
+            self.seed * 1_000_003 + self.epoch)).numpy()
         B, b = self.batch_size * self.world_size, self.batch_size
         skip, self.skip = self.skip, 0
         for n in range(skip, self.batches_per_epoch):
-            lo = n * B + self.rank * b
-            yield perm[lo : lo + b].tolist()
+            yield perm[n * B + self.rank * b : n * B + (self.rank + 1) * b].tolist()
 
     def __len__(self) -> int:
         # the full epoch even when resuming: Lightning sizes every later epoch from this length, and its
@@ -139,8 +82,7 @@ class _ShardSampler:
 
     def __init__(self, num_samples: int, batch_size: int, world_size: int, rank: int):
         self.idx = list(range(rank, num_samples, world_size))
-        per_rank = -(-num_samples // world_size)
-        self.idx += [-1 - self.idx[0] if self.idx else -1] * (per_rank - len(self.idx))
+        self.idx += [-1 - self.idx[0] if self.idx else -1] * (-(-num_samples // world_size) - len(self.idx))
         self.batch_size = batch_size
 
     def __iter__(self):
@@ -154,61 +96,37 @@ class _ShardSampler:
 class StreamingBlocks(torch.utils.data.IterableDataset):
     """Blocks packed on the fly from a stream of documents (``data.streaming``: nothing stored on disk).
 
-    The stream is endless: when the documents run out, the next pass starts with the shuffle buffer
-    reseeded (``set_epoch``), so processes that run out at different times never leave the others waiting
-    in a collective; training length is ``trainer.max_steps`` and validation goes by steps. Process r of
-    W (and DataLoader worker w of K) reads its own part of the stream
-    (``datasets.distributed.split_dataset_by_node``; by example where a held-out tail was cut off the
-    stream, so no process reads past the cut). Which batch a sample lands in depends on the number of
-    processes, unlike the cached path. A resumed run replays the stream and drops, in each worker, the
-    batches that worker already delivered (the DataLoader takes batches from its workers in turn).
+    The stream is endless (each pass reshuffles), so processes that run out at different times never leave
+    the others waiting in a collective. Process r of W (and DataLoader worker w of K) reads its own part
+    (by example where a held-out tail was cut off the stream, so no process reads past the cut). A resumed
+    run replays the stream and drops, in each worker, the batches that worker already delivered.
     """
 
     def __init__(self, stream, dm: TextDataModule, world: int, rank: int):
-        self.stream, self.world, self.rank = stream, world, rank
-        h = dm.hparams
-        tok = dm.tokenizer
-        self.encode = tok.encode_batch
-        self.pre, self.post = separators(h.packing, tok.bos_id, tok.eos_id, h.insert_eos)
-        self.packing, self.seq_len, self.batch_size = h.packing, h.seq_len, h.batch_size
-        self.bos, self.eos, self.pad = tok.bos_id, tok.eos_id, tok.pad_id
-        self.seed, self.buffer = dm.seed, h.shuffle_buffer
+        self.stream, self.world, self.rank, self.encode = stream, world, rank, dm.tokenizer.encode_batch
+        self.packing, self.batch_size = dm.packer(), dm.hparams.batch_size
+        self.seed, self.buffer = dm.seed, dm.hparams.shuffle_buffer
         self.skip_batches = 0  # batches the DataLoader already delivered (a resumed run)
-
-    def _documents(self, workers: int, wid: int, epoch: int):
-        from datasets.distributed import split_dataset_by_node
-
-        ds = self.stream
-        if self.world * workers > 1:
-            strategy = "examples" if getattr(ds, "_mdlm_kit_cut", False) else "auto"
-            ds = split_dataset_by_node(ds, rank=self.rank * workers + wid, world_size=self.world * workers,
-                                       strategy=strategy)
-        if self.buffer > 1:
-            ds = ds.shuffle(seed=self.seed, buffer_size=self.buffer)
-            ds.set_epoch(epoch)
-        for batch in ds.iter(batch_size=256):
-            yield from self.encode(batch["text"])
 
     def blocks(self, workers: int = 1, wid: int = 0, epochs: int | None = None):
         """(block, number of real tokens), pass after pass over this worker's part of the stream."""
-        L = self.seq_len
-        piece = L - 2 if self.packing == "wrap" else L
-        epoch = 0
+        from datasets.distributed import split_dataset_by_node
+
+        mine, epoch = self.stream, 0
+        if self.world * workers > 1:
+            mine = split_dataset_by_node(mine, rank=self.rank * workers + wid, world_size=self.world * workers,
+                                         strategy="examples" if getattr(mine, "_mdlm_kit_cut", False) else "auto")
         while epochs is None or epoch < epochs:
-            n_before = 0
-            buf: list[int] = []
-            for ids in self._documents(workers, wid, epoch):
-                n_before += 1
-                if self.packing == "pad":
-                    yield pad_block(ids, L, self.bos, self.eos, self.pad), min(len(ids), L - 2) + 2
-                    continue
-                buf.extend([*self.pre, *ids, *self.post])
-                while len(buf) >= piece:
-                    chunk, buf = buf[:piece], buf[piece:]
-                    if self.packing == "wrap":
-                        chunk = [self.bos, *chunk, self.eos]
-                    yield np.asarray(chunk, dtype=np.int64), L
-            if n_before == 0:
+            ds = mine.shuffle(seed=self.seed, buffer_size=self.buffer) if self.buffer > 1 else mine
+            if self.buffer > 1:
+                ds.set_epoch(epoch)
+            rest, any_docs = np.zeros(0, np.int64), False
+            for batch in ds.iter(batch_size=256):
+                any_docs = True
+                blocks = Blocks(self.packing.stream(self.encode(batch["text"]), rest), self.packing)
+                yield from zip(blocks[:], blocks.lengths(slice(None)))
+                rest = blocks.rest()
+            if not any_docs:
                 raise UserError("the training stream holds no documents for this process; use fewer processes "
                                 "or workers, or more data")
             epoch += 1
@@ -220,29 +138,25 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
         # part of the stream of the worker that delivered batch (skip + w), which had delivered
         # ceil((skip - part) / K) of the first skip batches.
         part = (wid + self.skip_batches) % workers
-        mine = max(0, -(-(self.skip_batches - part) // workers))
-        skip = mine * self.batch_size
+        skip = max(0, -(-(self.skip_batches - part) // workers)) * self.batch_size
         for i, (block, n) in enumerate(self.blocks(workers, part)):
-            if i < skip:
-                continue
-            item = {"input_ids": torch.from_numpy(block), "index": i}
-            if self.packing == "pad":
-                item["valid"] = torch.arange(self.seq_len) < n
-            yield item
+            if i >= skip:
+                item = {"input_ids": torch.from_numpy(block), "index": i}
+                if self.packing.kind == "pad":
+                    item["valid"] = torch.arange(len(block)) < int(n)
+                yield item
 
 
 class TextDataModule(L.LightningDataModule):
     """Text -> tokenizer -> token cache -> blocks of ``seq_len`` tokens -> batches.
 
     Args:
-        corpus: ``shakespeare`` (embedded default), a path to a text/JSONL file or folder, or a dataset recipe:
-            ``openwebtext``, ``lm1b``, ``text8``, ``wikitext103``, ``wikitext2``, ``ptb``, ``ag_news``,
-            ``pubmed``, ``arxiv``, ``lambada`` or ``hf:NAME[:CONFIG]`` (loaded with Hugging Face datasets).
+        corpus: ``shakespeare`` (embedded default), a text/JSONL file or folder, or a dataset recipe loaded with
+            Hugging Face datasets (``openwebtext``, ``lm1b``, ``text8``, ``wikitext103``, ..., ``hf:NAME[:CONFIG]``).
         path: a local copy of a recipe's dataset (``save_to_disk`` folder, data files named by split, or one file);
             default: the hub.
-        tokenizer: ``char``, ``bpe`` (byte-level BPE trained on the training split), ``gpt2`` (offline from the
-            packaged files if the hub is unreachable), or a Hugging Face tokenizer name or folder
-            (e.g. ``bert-base-uncased``).
+        tokenizer: ``char``, ``bpe`` (byte-level BPE trained on the training split), ``gpt2``, or a Hugging Face
+            tokenizer name or folder (e.g. ``bert-base-uncased``).
         bpe_vocab_size: vocabulary size of the trained BPE (specials included).
         seq_len: tokens per block.
         batch_size: training sequences per batch and process (the global batch is this times the processes).
@@ -264,29 +178,15 @@ class TextDataModule(L.LightningDataModule):
         shuffle_buffer: documents in the streaming shuffle buffer (0 or 1: stream order).
     """
 
-    def __init__(
-        self,
-        corpus: str = "shakespeare",
-        path: str | None = None,
-        tokenizer: str = "bpe",
-        bpe_vocab_size: int = 2048,
-        seq_len: int = 256,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        packing: str = "stream",
-        insert_eos: bool = True,
-        val_fraction: float = 0.05,
-        val_docs: int | None = None,
-        text_key: str | None = None,
-        num_workers: int = 0,
-        num_proc: int | None = None,
-        shuffle_seed: int | None = None,
-        shard_tokens: int = SHARD_TOKENS,
-        streaming: bool = False,
-        shuffle_buffer: int = 10_000,
-    ):
+    def __init__(self, corpus: str = "shakespeare", path: str | None = None, tokenizer: str = "bpe",
+                 bpe_vocab_size: int = 2048, seq_len: int = 256, batch_size: int = 32,
+                 eval_batch_size: int | None = None, packing: str = "stream", insert_eos: bool = True,
+                 val_fraction: float = 0.05, val_docs: int | None = None, text_key: str | None = None,
+                 num_workers: int = 0, num_proc: int | None = None, shuffle_seed: int | None = None,
+                 shard_tokens: int = SHARD_TOKENS, streaming: bool = False, shuffle_buffer: int = 10_000):
         super().__init__()
-        check_tokenizer_name(tokenizer)
+        if not isinstance(tokenizer, str) or not tokenizer.strip():
+            raise UserError(f"data.tokenizer must be one of {', '.join(TOKENIZERS)} or a Hugging Face tokenizer name")
         if packing not in PACKINGS:
             raise UserError(f"data.packing: unknown packing {packing!r}; choose one of: {', '.join(PACKINGS)}")
         if seq_len < (4 if packing in ("wrap", "pad") else 2):
@@ -306,13 +206,11 @@ class TextDataModule(L.LightningDataModule):
             raise UserError(f"data.path is for dataset recipes (openwebtext, lm1b, ...); data.corpus={corpus!r} "
                             "is read directly: give the file as data.corpus")
         self.save_hyperparameters()
-        self.tokenizer: Tokenizer | None = None
+        self.tokenizer: Tokenizer | None = None  # set by prepare, or at once by load_state_dict
         self._blocks: dict[str, Blocks] = {}
-        self._restored_tokenizer: dict | None = None
+        self.stats: dict[str, dict] = {}  # per split: what building its token cache took
         self._resume: dict | None = None
-        self.stats: dict[str, BuildStats] = {}
-        self.cache_folder = None
-        self._stream = None
+        self.cache_folder = self._stream = self._val_chars = None
 
     # ---- preparation (idempotent, cached) ----
 
@@ -327,10 +225,14 @@ class TextDataModule(L.LightningDataModule):
             ident = [h.corpus, where, h.text_key] + [getattr(splits[s], "_fingerprint", "stream")
                                                      for s in ("train", "val")]
             return splits, hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
-        corpus: Corpus = load_corpus(h.corpus, h.val_fraction, h.text_key or "text")
-        splits = {s: datasets.Dataset.from_dict({"text": docs}) for s, docs in (("train", corpus.train),
-                                                                                 ("val", corpus.val))}
-        return splits, corpus.fingerprint()
+        corpus = load_corpus(h.corpus, h.val_fraction, h.text_key or "text")
+        return {"train": datasets.Dataset.from_dict({"text": corpus.train}),
+                "val": datasets.Dataset.from_dict({"text": corpus.val})}, corpus.fingerprint()
+
+    def packer(self, seq_len: int | None = None, insert_eos: bool | None = None) -> Packing:
+        h, tok = self.hparams, self.tokenizer
+        return Packing(h.packing, seq_len or h.seq_len, tok.bos_id, tok.eos_id, tok.pad_id,
+                       h.insert_eos if insert_eos is None else insert_eos)
 
     def prepare(self, progress: bool = False) -> None:
         """Load the data, build the tokenizer, tokenize both splits into the token cache (once)."""
@@ -342,36 +244,27 @@ class TextDataModule(L.LightningDataModule):
         if not progress:
             datasets.disable_progress_bars()
         splits, data_id = self._splits()
-        tok_dir = cache_dir() / "tokens" / f"{data_id}-{h.tokenizer.replace('/', '_')}-{h.bpe_vocab_size}"
-        if self._restored_tokenizer is not None:
-            self.tokenizer = tokenizer_from_dict(self._restored_tokenizer)
-        else:
-            train_texts = (t for batch in splits["train"].iter(batch_size=1000) for t in batch["text"])
-            self.tokenizer = build_tokenizer(h.tokenizer, train_texts, h.bpe_vocab_size, tok_dir / "tokenizer.json")
-        tok = self.tokenizer
-        pre, post = separators(h.packing, tok.bos_id, tok.eos_id, h.insert_eos)
-        stream_opts = {"data": data_id, "tokenizer": tok.fingerprint(), "pre": pre, "post": post}
-        key = hashlib.sha256(json.dumps(stream_opts).encode()).hexdigest()[:16]
-        self.cache_folder = cache_dir() / "tokens" / key
-        num_proc = h.num_proc if h.num_proc is not None else (len(os.sched_getaffinity(0)) or 1)
-        for split in ("train", "val"):
-            if h.streaming and split == "train":
-                self._stream = splits["train"]
-                continue
-            stream, stats = build_split(
-                self.cache_folder / split, splits[split], tok.encode_batch, tok.vocab_size, pre, post,
-                meta={"corpus": h.corpus, "split": split, **stream_opts}, num_proc=num_proc,
-                shard_tokens=h.shard_tokens, progress=progress,
+        if self.tokenizer is None:
+            texts = (t for batch in splits["train"].iter(batch_size=1000) for t in batch["text"])
+            name = f"{data_id}-{h.tokenizer.replace('/', '_')}-{h.bpe_vocab_size}"
+            self.tokenizer = build_tokenizer(h.tokenizer, texts, h.bpe_vocab_size,
+                                             cache_dir() / "tokens" / name / "tokenizer.json")
+        tok, packing = self.tokenizer, self.packer()
+        opts = {"data": data_id, "tokenizer": tok.fingerprint(), "pre": packing.pre, "post": packing.post}
+        self.cache_folder = cache_dir() / "tokens" / hashlib.sha256(json.dumps(opts).encode()).hexdigest()[:16]
+        if h.streaming:
+            self._stream = splits["train"]
+        for split in ("val",) if h.streaming else ("train", "val"):
+            stream, self.stats[split] = build_split(
+                self.cache_folder / split, splits[split], tok.encode_batch, tok.vocab_size, packing,
+                meta={"corpus": h.corpus, "split": split, **opts}, shard_tokens=h.shard_tokens, progress=progress,
+                num_proc=h.num_proc if h.num_proc is not None else (len(os.sched_getaffinity(0)) or 1),
             )
-            self.stats[split] = stats
-            blocks = Blocks(stream, h.seq_len, h.packing, tok.bos_id, tok.eos_id, tok.pad_id)
+            blocks = Blocks(stream, packing)
             if len(blocks) == 0:
-                raise UserError(
-                    f"the {split} split of {h.corpus} has {len(stream)} tokens, fewer than one block of "
-                    f"data.seq_len={h.seq_len}; use more text or a shorter seq_len"
-                )
+                raise UserError(f"the {split} split of {h.corpus} has {len(stream)} tokens, fewer than one block of "
+                                f"data.seq_len={h.seq_len}; use more text or a shorter seq_len")
             self._blocks[split] = blocks
-        self._val_chars = None
 
     def prepare_data(self) -> None:
         self.prepare()
@@ -381,19 +274,10 @@ class TextDataModule(L.LightningDataModule):
 
     def pack(self, texts: list[str], seq_len: int | None = None, insert_eos: bool | None = None) -> Blocks:
         """Texts tokenized and packed into blocks as this module packs its data (in memory, not cached)."""
-        h = self.hparams
         if self.tokenizer is None:
             self.prepare()
-        tok = self.tokenizer
-        pre, post = separators(h.packing, tok.bos_id, tok.eos_id, h.insert_eos if insert_eos is None else insert_eos)
-        stream = ArrayStream(tok.encode_batch(texts), pre, post)
-        return Blocks(stream, seq_len or h.seq_len, h.packing, tok.bos_id, tok.eos_id, tok.pad_id)
-
-    def encode_stream(self, docs: list[str]) -> np.ndarray:
-        """Documents as one token stream with this module's separators (``prepare`` first)."""
-        pre, post = separators(self.hparams.packing, self.tokenizer.bos_id, self.tokenizer.eos_id,
-                               self.hparams.insert_eos)
-        return wrap_stream(self.tokenizer.encode_batch(docs), pre[0] if pre else None, post[0] if post else None)
+        packing = self.packer(seq_len, insert_eos)
+        return Blocks(packing.stream(self.tokenizer.encode_batch(texts)), packing)
 
     # ---- what the model and the metrics need ----
 
@@ -414,28 +298,26 @@ class TextDataModule(L.LightningDataModule):
             raise UserError(f"the {split} split is streamed (data.streaming), not stored as blocks")
         return self._blocks[split]
 
+    def _chunks(self, split: str, size: int):
+        """(blocks, real tokens of each) of a split, ``size`` blocks at a time."""
+        blocks = self.blocks(split)
+        for lo in range(0, len(blocks), size):
+            yield blocks[lo : lo + size], blocks.lengths(slice(lo, lo + size))
+
     @property
     def val_num_chars(self) -> int:
-        """Characters of text covered by the validation blocks (BOS/EOS/padding excluded): the bits-per-character
-        unit."""
-        self.prepare()
+        """Characters of text in the validation blocks (BOS/EOS/padding excluded): the bits-per-character unit."""
         if self._val_chars is None:
-            blocks, total = self._blocks["val"], 0
-            for lo in range(0, len(blocks), 256):
-                chunk, lens = blocks[lo : lo + 256], blocks.lengths(slice(lo, lo + 256))
-                total += sum(len(self.tokenizer.decode(b[:n].tolist())) for b, n in zip(chunk, lens))
-            self._val_chars = total
+            self._val_chars = sum(len(self.tokenizer.decode(b[:n].tolist()))
+                                  for chunk, lens in self._chunks("val", 256) for b, n in zip(chunk, lens))
         return self._val_chars
 
     def token_counts(self, split: str = "train") -> np.ndarray:
-        """How often each id of the model's vocabulary (mask included, never counted) occurs in the split's
-        real tokens (BOS/EOS included, padding not): (model_vocab_size,) int64."""
-        blocks = self.blocks(split)
+        """How often each id of the model's vocabulary (the mask never) occurs in the split's real tokens
+        (BOS/EOS included, padding not): (model_vocab_size,) int64."""
         counts = np.zeros(self.model_vocab_size, dtype=np.int64)
-        for lo in range(0, len(blocks), 4096):
-            chunk, lens = blocks[lo : lo + 4096], blocks.lengths(slice(lo, lo + 4096))
-            real = np.arange(blocks.seq_len)[None, :] < lens[:, None]
-            counts += np.bincount(chunk[real], minlength=len(counts))
+        for chunk, lens in self._chunks(split, 4096):
+            counts += np.bincount(chunk[np.arange(chunk.shape[1]) < lens[:, None]], minlength=len(counts))
         return counts
 
     def unigram_entropy(self, split: str = "val") -> float:
@@ -448,22 +330,16 @@ class TextDataModule(L.LightningDataModule):
     # ---- loaders ----
 
     def _world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 1, 0
-        return trainer.world_size, trainer.global_rank
+        return (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
 
     @property
     def seed(self) -> int:
-        if self.hparams.shuffle_seed is not None:
-            return self.hparams.shuffle_seed
-        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+        s = self.hparams.shuffle_seed
+        return s if s is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def train_batch_sampler(self) -> EpochBatchSampler:
-        world, rank = self._world()
-        n = len(self.blocks("train"))
-        trainer = self.trainer
-        if world > 1 and trainer._accelerator_connector.use_distributed_sampler:
+        (world, rank), n, trainer = self._world(), len(self.blocks("train")), self.trainer
+        if world > 1 and uses_distributed_sampler(trainer):
             raise UserError("the data module shards batches itself: set trainer.use_distributed_sampler: false "
                             "(the mdlm-kit command does)")
         sampler = EpochBatchSampler(n, self.hparams.batch_size, world, rank, self.seed,
@@ -477,7 +353,7 @@ class TextDataModule(L.LightningDataModule):
                                 f"sequences, this run has {sampler.batch_size * world}; resume with the same "
                                 "data.batch_size x processes")
             # Lightning's own counters (they follow accumulate_grad_batches and limit_train_batches); a position
-            # at the end of an epoch is dropped when Lightning starts the next epoch (set_epoch)
+            # at the end of an epoch is dropped when Lightning starts the next epoch
             sampler.epoch, sampler.skip = self._resume["epoch"], self._resume["epoch_batches"]
             self._resume = None
         return sampler
@@ -491,31 +367,20 @@ class TextDataModule(L.LightningDataModule):
         h = self.hparams
         if h.streaming:
             self.prepare()
-            world, rank = self._world()
-            data = StreamingBlocks(self._stream, self, world, rank)
+            data = StreamingBlocks(self._stream, self, *self._world())
             if self._resume is not None:  # the stream is one endless epoch: skip what it delivered
                 data.skip_batches = self._resume.get("epoch_batches", 0)
                 self._resume = None
             return DataLoader(data, batch_size=h.batch_size, drop_last=True, num_workers=h.num_workers,
                               generator=self._loader_generator())
-        return DataLoader(
-            BlockDataset(self.blocks("train")),
-            batch_sampler=self.train_batch_sampler(),
-            num_workers=h.num_workers,
-            persistent_workers=h.num_workers > 0,
-            generator=self._loader_generator(),
-        )
+        return DataLoader(BlockDataset(self.blocks("train")), batch_sampler=self.train_batch_sampler(),
+                          num_workers=h.num_workers, persistent_workers=h.num_workers > 0,
+                          generator=self._loader_generator())
 
     def val_dataloader(self) -> DataLoader:
-        h = self.hparams
-        world, rank = self._world()
-        blocks = self.blocks("val")
-        return DataLoader(
-            BlockDataset(blocks),
-            batch_sampler=_ShardSampler(len(blocks), h.eval_batch_size or h.batch_size, world, rank),
-            num_workers=h.num_workers,
-            generator=self._loader_generator(),
-        )
+        h, blocks = self.hparams, self.blocks("val")
+        return DataLoader(BlockDataset(blocks), num_workers=h.num_workers, generator=self._loader_generator(),
+                          batch_sampler=_ShardSampler(len(blocks), h.eval_batch_size or h.batch_size, *self._world()))
 
     # ---- checkpoint state: the tokenizer and the data position travel with the checkpoint ----
 
@@ -525,28 +390,13 @@ class TextDataModule(L.LightningDataModule):
         state = {"tokenizer": self.tokenizer.to_dict()}
         trainer = self.trainer
         if trainer is not None and trainer.state.fn == "fit":
-            world, _ = self._world()
-            state["global_batch"] = self.hparams.batch_size * world
+            state["global_batch"] = self.hparams.batch_size * self._world()[0]
             state["epoch"] = int(trainer.current_epoch)  # the data position: batches into this epoch
             state["epoch_batches"] = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._restored_tokenizer = state_dict.get("tokenizer")
-        if self._restored_tokenizer is not None:  # usable at once: generation needs no corpus
-            self.tokenizer = tokenizer_from_dict(self._restored_tokenizer)
+        if state_dict.get("tokenizer") is not None:  # usable at once: generation needs no corpus
+            self.tokenizer = tokenizer_from_dict(state_dict["tokenizer"])
         if "epoch_batches" in state_dict:
             self._resume = {k: state_dict[k] for k in ("global_batch", "epoch", "epoch_batches")}
-
-
-def token_counts_summary(dm: TextDataModule) -> dict:
-    """Sizes of the prepared splits, for logs and reports."""
-    out = {}
-    for split in ("train", "val"):
-        if split not in dm._blocks and dm.hparams.streaming:
-            continue
-        b = dm.blocks(split)
-        out[f"{split}_blocks"] = len(b)
-        out[f"{split}_tokens"] = int(b.lengths(slice(None)).sum())
-    out["vocab_size"] = dm.model_vocab_size
-    return out
