@@ -1,17 +1,11 @@
-"""``mdlm-kit check-likelihood``: train on a source of known entropy and compare the bound with the truth.
+"""``mdlm-kit check-likelihood``: train on a source of known entropy and compare the bound with the truth (README,
+"Likelihood checks").
 
-The source (``eval/sources.py``) is written as a JSONL corpus of independent stationary chains, each a
-whole number of blocks long, packed without separators, so every block is L consecutive symbols of
-the stationary chain and its exact entropy is H(pi) + (L - 1) h. The model is trained with the
-toolkit's own objective and data pipeline and evaluated with ``mdlm-kit ppl``'s estimator. Two facts
-must hold, whatever the model:
-
-- a valid bound never goes below the truth: ``nelbo >= true_entropy - 3 stderr`` (exit status 1
-  otherwise: the objective or its weights are wrong);
-- a model trained long enough gets close: ``gap_rel`` = (nelbo - truth) / truth shrinks with training.
-
-The check also reports the source's own NLL on the very blocks evaluated (``source_nll``) and the
-paired gap, which removes the spread of -log p(x) between blocks from the error bar.
+The source (``eval/sources.py``) is written as independent stationary chains, each a whole number of blocks long,
+packed without separators, so every block is L consecutive symbols of the stationary chain, of exact entropy
+H(pi) + (L - 1) h. A valid bound never goes below it (``nelbo >= true_entropy - 3 stderr``), and a model trained
+long enough gets close (``gap_rel`` shrinks with training). ``source_nll``, the source's own NLL on the very blocks
+evaluated, gives the paired gap, free of the spread of -log p(x) between blocks.
 """
 
 from __future__ import annotations
@@ -19,26 +13,20 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mdlm_kit.errors import UserError
-from mdlm_kit.eval.sources import SOURCES, make_source
+from mdlm_kit.eval.likelihood import evaluate_likelihood, ratio_stderr
+from mdlm_kit.eval.sources import Source, make_source
+from mdlm_kit.objective import Estimator
 from mdlm_kit.utils import atomic_write_text
 
 
-def write_source_corpus(path: Path, source_name: str, seq_len: int, num_docs: int, blocks_per_doc: int, seed: int):
-    source = make_source(source_name, seed)
-    rng = np.random.default_rng(seed + 1)
-    with open(path, "w", encoding="utf-8") as f:
-        for _ in range(num_docs):
-            f.write(json.dumps({"text": source.sample(seq_len * blocks_per_doc, rng)}) + "\n")
-    return source
-
-
-def train_on_source(corpus: Path, source: str, steps: int, size: str = "debug", seq_len: int = 64,
+def train_on_source(corpus: Path, source: Source, steps: int, size: str = "debug", seq_len: int = 64,
                     batch_size: int = 32, lr: float = 3e-3, schedule: str = "loglinear", num_docs: int = 400,
                     blocks_per_doc: int = 8, seed: int = 0, progress: bool = False):
     """Write the source's corpus to ``corpus`` and train a model on it: (model, datamodule, source)."""
@@ -47,7 +35,10 @@ def train_on_source(corpus: Path, source: str, steps: int, size: str = "debug", 
     from mdlm_kit.data import TextDataModule
     from mdlm_kit.lightning import MaskedDiffusionLM
 
-    src = write_source_corpus(corpus, source, seq_len, num_docs, blocks_per_doc, seed)
+    src, gen = make_source(source, seed), np.random.default_rng(seed + 1)
+    with open(corpus, "w", encoding="utf-8") as f:
+        for _ in range(num_docs):
+            f.write(json.dumps({"text": src.sample(seq_len * blocks_per_doc, gen)}) + "\n")
     L.seed_everything(seed, verbose=False)
     dm = TextDataModule(str(corpus), tokenizer="char", seq_len=seq_len, batch_size=batch_size,
                         eval_batch_size=128, val_fraction=0.1, packing="concat")
@@ -61,56 +52,29 @@ def train_on_source(corpus: Path, source: str, steps: int, size: str = "debug", 
     return model.eval(), dm, src
 
 
-def compare_with_truth(model, dm, src, eval_blocks: int = 512, estimator: str = "count", num_t_samples: int = 4,
+def compare_with_truth(model, dm, src, eval_blocks: int = 512, estimator: Estimator = "count", num_t_samples: int = 4,
                        seed: int = 0) -> dict:
     """The model's NELBO on held-out blocks against the source's exact entropy (and its NLL on those blocks)."""
-    from mdlm_kit.eval.likelihood import evaluate_likelihood, ratio_stderr
-
     blocks = dm.blocks("val")[:eval_blocks]
     seq_len = blocks.shape[1]
     res = evaluate_likelihood(model, blocks, batch_size=128, seed=seed, num_t_samples=num_t_samples,
                               estimator=estimator)
     src_nll = torch.tensor([src.nll(dm.tokenizer.decode(b.tolist())) for b in blocks], dtype=torch.float64)
-    truth = src.block_entropy(seq_len) / seq_len
-    nelbo, se = res.nelbo, res.stderr
-    gap = res.per_seq - src_nll
-    tokens = float(res.num_tokens.sum())
-    return {
-        "entropy_rate": src.entropy_rate,
-        "symbol_entropy": src.stationary_entropy,
-        "true_entropy": truth,
-        "nelbo": nelbo,
-        "stderr": se,
-        "gap_rel": (nelbo - truth) / truth,
-        "source_nll": float(src_nll.sum()) / tokens,
-        "paired_gap": float(gap.sum()) / tokens,
-        "paired_gap_stderr": ratio_stderr(gap, res.num_tokens),
-        "bound_respected": bool(nelbo >= truth - 3 * se),
-        "within_5pct": bool(abs(nelbo - truth) <= 0.05 * truth),
-        "num_blocks": len(blocks),
-        "seq_len": seq_len,
-        "estimator": estimator,
-        "num_t_samples": num_t_samples,
-    }
+    truth, nelbo, se = src.block_entropy(seq_len) / seq_len, res.nelbo, res.stderr
+    gap, tokens = res.per_seq - src_nll, float(res.num_tokens.sum())
+    return {"entropy_rate": src.entropy_rate, "symbol_entropy": src.stationary_entropy, "true_entropy": truth,
+            "nelbo": nelbo, "stderr": se, "gap_rel": (nelbo - truth) / truth,
+            "source_nll": float(src_nll.sum()) / tokens, "paired_gap": float(gap.sum()) / tokens,
+            "paired_gap_stderr": ratio_stderr(gap, res.num_tokens), "bound_respected": bool(nelbo >= truth - 3 * se),
+            "within_5pct": bool(abs(nelbo - truth) <= 0.05 * truth), "num_blocks": len(blocks), "seq_len": seq_len,
+            "estimator": estimator, "num_t_samples": num_t_samples}
 
 
-def likelihood_check(
-    source: str = "markov",
-    steps: int = 1500,
-    size: str = "debug",
-    seq_len: int = 64,
-    batch_size: int = 32,
-    lr: float = 3e-3,
-    schedule: str = "loglinear",
-    estimator: str = "count",
-    num_t_samples: int = 4,
-    num_docs: int = 400,
-    blocks_per_doc: int = 8,
-    eval_blocks: int = 512,
-    seed: int = 0,
-    out: str | None = None,
-    progress: bool = True,
-) -> dict:
+def likelihood_check(source: Source = "markov", steps: int = 1500, size: str = "debug", seq_len: int = 64,
+                     batch_size: int = 32, lr: float = 3e-3, schedule: str = "loglinear",
+                     estimator: Estimator = "count", num_t_samples: int = 4, num_docs: int = 400,
+                     blocks_per_doc: int = 8, eval_blocks: int = 512, seed: int = 0, out: str | None = None,
+                     progress: bool = True) -> dict:
     """Train a model on a source of known entropy; compare its NELBO with the exact entropy.
 
     Args:
@@ -130,20 +94,13 @@ def likelihood_check(
         out: folder for the corpus and the result (default: a temporary folder).
         progress: show Lightning's progress bar.
     """
-    if source not in SOURCES:
-        raise UserError(f"--source: unknown source {source!r}; choose one of: {', '.join(SOURCES)}")
     if steps < 1 or seq_len < 2 or num_docs < 10 or blocks_per_doc < 1 or eval_blocks < 2:
         raise UserError("--steps >= 1, --seq_len >= 2, --num_docs >= 10, --blocks_per_doc >= 1, --eval_blocks >= 2")
-    tmp = None
-    if out is None:
-        tmp = tempfile.TemporaryDirectory(prefix="mdlm-kit-check-")
-        folder = Path(tmp.name)
-    else:
-        folder = Path(out).expanduser()
-        if not folder.parent.is_dir():
-            raise UserError(f"--out: folder {folder.parent} does not exist")
+    if out is not None and not Path(out).expanduser().parent.is_dir():
+        raise UserError(f"--out: folder {Path(out).expanduser().parent} does not exist")
+    with tempfile.TemporaryDirectory(prefix="mdlm-kit-check-") if out is None else nullcontext(out) as where:
+        folder = Path(where).expanduser()
         folder.mkdir(exist_ok=True)
-    try:
         start = time.perf_counter()
         model, dm, src = train_on_source(folder / "corpus.jsonl", source, steps, size, seq_len, batch_size, lr,
                                          schedule, num_docs, blocks_per_doc, seed, progress)
@@ -152,7 +109,3 @@ def likelihood_check(
         if out is not None:
             atomic_write_text(folder / "result.json", json.dumps(result, indent=2) + "\n")
         return result
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-

@@ -6,13 +6,12 @@ import json
 import math
 import sys
 
-from mdlm_kit.checkpoint import load_checkpoint
-from mdlm_kit.eval.ppl import perplexity
+from mdlm_kit.eval.ppl import evaluate, resolve_device
+from mdlm_kit.io import load_checkpoint
 
 
-def report(
-    checkpoint: str, batch_size: int = 64, seed: int = 0, num_samples: int = 0, sample_length: int = 128
-) -> dict:
+def report(checkpoint: str, batch_size: int = 64, seed: int = 0, num_samples: int = 0,
+           sample_length: int = 128) -> dict:
     """Print and return the validation perplexity bound, unigram entropy and bits per character of a checkpoint.
 
     The likelihood is ``mdlm-kit ppl``'s on the validation split with its default protocol (MDLM's:
@@ -28,24 +27,14 @@ def report(
         sample_length: tokens per sample.
     """
     model, dm = load_checkpoint(checkpoint, kind="diffusion")
-    res = perplexity(checkpoint, batch_size=batch_size, seed=seed, progress=False)
-    nats = res["nelbo"] * res["num_tokens"]
+    res = evaluate(model.to(resolve_device("auto")), dm.blocks("val"), batch_size=batch_size, seed=seed)
     unigram = dm.unigram_entropy("val")
-    out = {
-        "val_nelbo": res["nelbo"],
-        "ppl": res["ppl"],
-        "stderr": res["stderr"],
-        "ci95": res["ci95"],
-        "unigram_entropy": unigram,
-        # below 1: the model uses context; near 1: it has learned token frequencies only
-        "unigram_ratio": res["nelbo"] / unigram,
-        "val_bpc": nats / math.log(2) / dm.val_num_chars,
-        "val_tokens": res["num_tokens"],
-        "val_chars": dm.val_num_chars,
-        "protocol": res["protocol"],
-        "params": model.backbone.num_parameters(),
-        "checkpoint": str(checkpoint),
-    }
+    out = {"val_nelbo": res["nelbo"], "ppl": res["ppl"], "stderr": res["stderr"], "ci95": res["ci95"],
+           "unigram_entropy": unigram,
+           "unigram_ratio": res["nelbo"] / unigram,  # below 1: the model uses context; near 1: token frequencies only
+           "val_bpc": res["nelbo"] * res["num_tokens"] / math.log(2) / dm.val_num_chars,
+           "val_tokens": res["num_tokens"], "val_chars": dm.val_num_chars, "protocol": res["protocol"],
+           "params": model.backbone.num_parameters(), "checkpoint": str(checkpoint)}
     # how far training got: a run cut by max_time or SIGTERM is no measure of the recipe
     info = model.run_info or {"steps": None, "max_steps": None, "stopped_early": None, "stop_reason": None}
     out.update(info)
@@ -56,7 +45,8 @@ def report(
     if num_samples > 0:
         from mdlm_kit.generate import generate_samples
 
-        samples = generate_samples(model, dm.tokenizer, "fhs", num_samples, sample_length, seed=seed)
+        # on the CPU, where mdlm-kit generate samples: the same seed gives the same texts
+        samples = generate_samples(model.cpu(), dm.tokenizer, "fhs", num_samples, sample_length, seed=seed)
         out["samples"] = [s["text"] for s in samples]
     print(json.dumps(out))
     return out

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+
+Source = Literal["markov", "iid"]
 
 
 @dataclass
@@ -65,22 +68,16 @@ class MarkovSource:
         return total
 
 
-def iid_source(probs: list[float], alphabet: str) -> MarkovSource:
-    p = np.asarray(probs, dtype=np.float64)
-    return MarkovSource(alphabet, np.tile(p / p.sum(), (len(alphabet), 1)))
-
-
-def make_source(name: str, seed: int = 0) -> MarkovSource:
+def make_source(name: Source, seed: int = 0) -> MarkovSource:
     """``iid``: 8 symbols with Zipf-like frequencies. ``markov``: a 6-symbol chain whose rows each put
     most of their mass on two or three successors (entropy rate well below the symbol entropy)."""
     rng = np.random.default_rng(seed)
     if name == "iid":
-        return iid_source([1.0 / (k + 1) for k in range(8)], "abcdefgh")
+        p = np.array([1.0 / (k + 1) for k in range(8)])
+        return MarkovSource("abcdefgh", np.tile(p / p.sum(), (8, 1)))
     if name == "markov":
         A = 6
         P = 0.85 * rng.dirichlet(np.full(A, 0.3), size=A) + 0.15 / A
         return MarkovSource("abcdef", P / P.sum(1, keepdims=True))
     raise ValueError(f"unknown source {name!r}; choose iid or markov")
 
-
-SOURCES = ("iid", "markov")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from helpers import CONFIGS, random_dit, run_cli, write_corpus
-from mdlm_kit.checkpoint import load_checkpoint
-from mdlm_kit.eval.genppl import diversity
+from mdlm_kit.eval.genppl import diversity, score
 from mdlm_kit.eval.likelihood import evaluate_likelihood, ratio_stderr
+from mdlm_kit.io import load_checkpoint
 from mdlm_kit.objective import autoregressive_nll
 
 
@@ -118,6 +118,27 @@ def test_ppl_reports_a_bound_with_error_bars(trained_ckpt, tmp_path):
     assert res.stderr == pytest.approx(out["stderr"], rel=1e-6)
 
 
+def test_report_loads_the_checkpoint_once_and_prints_ppls_numbers(trained_ckpt, monkeypatch, capsys):
+    import mdlm_kit.eval.report as report_module
+    from mdlm_kit.eval.ppl import perplexity
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return load_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(report_module, "load_checkpoint", counting)
+    monkeypatch.setattr("mdlm_kit.io.load_checkpoint", counting)  # where ppl looks it up
+    rep = report_module.report(str(trained_ckpt), batch_size=16)
+    assert len(calls) == 1
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == rep
+    ppl = perplexity(str(trained_ckpt), batch_size=16, progress=False)
+    pairs = {"val_nelbo": "nelbo", "ppl": "ppl", "stderr": "stderr", "ci95": "ci95", "val_tokens": "num_tokens",
+             "protocol": "protocol"}
+    assert {k: rep[k] for k in pairs} == {k: ppl[v] for k, v in pairs.items()}
+
+
 def test_more_time_samples_shrink_the_error_bar_and_agree(trained_ckpt):
     model, dm = load_checkpoint(trained_ckpt)
     val = dm.blocks("val")[:64]
@@ -177,6 +198,21 @@ def test_diversity_statistics_on_known_token_lists():
     assert d["entropy"] == pytest.approx(math.log(4) / 2)
     assert d["distinct_1"] == pytest.approx((1 / 4 + 1) / 2)
     assert d["distinct_2"] == pytest.approx((1 / 3 + 1) / 2)
+
+
+def test_score_cuts_windows_and_leaves_the_context_out():
+    class Scorer:  # each token's NLL is its id
+        window = 3
+        seen = []
+
+        def window_nll(self, window, scored):
+            self.seen.append((window, scored.tolist()))
+            return float(sum(t for t, s in zip(window, scored.tolist()) if s))
+
+    sc = Scorer()
+    assert score(sc, [1, 2, 3, 4, 5, 6, 7], context=4) == (5 + 6 + 7, 3)
+    assert sc.seen == [([1, 2, 3], [False] * 3), ([4, 5, 6], [False, True, True]), ([7], [True])]
+    assert score(sc, [], context=0) == (0.0, 0)
 
 
 def test_genppl_under_the_autoregressive_baseline_scores_the_sampled_tokens(trained_ckpt, trained_ar, tmp_path):
@@ -267,16 +303,20 @@ def files(tmp_path_factory):
         (["ppl", "--estimator", "count", "--num_steps", "10"], "needs continuous time"),
         (["ppl", "--num_t_samples", "0"], "must be >= 1"),
         (["ppl", "--plot", "/no/such/dir/p.png"], "folder /no/such/dir does not exist"),
+        (["ppl", "--estimator", "bogus"], "Got value: bogus"),
+        (["ppl", "--device", "tpu"], "Got value: tpu"),
+        (["ppl", "--max_sequences", "1"], "--max_sequences must be >= 2"),
         (["genppl", "--samples", "/no/such.jsonl", "--scorer", "{ckpt}"], "no such file: /no/such.jsonl"),
         (["genppl", "--samples", "{files}/notjson.jsonl", "--scorer", "{ckpt}"], "not valid JSON"),
         (["genppl", "--samples", "{files}/s.jsonl", "--scorer", "{ckpt}"], "this command needs an autoregressive"),
         (["genppl", "--samples", "{files}/s.jsonl", "--scorer", "no-such-model-xyz"], "cannot load a causal LM"),
         (["generate", "--checkpoint", "{ar}"], "this command needs a masked diffusion model"),
         (["report", "--checkpoint", "{ar}"], "this command needs a masked diffusion model"),
-        (["check-likelihood", "--source", "zipf"], "unknown source 'zipf'"),
+        (["check-likelihood", "--source", "zipf"], "Got value: zipf"),
     ],
     ids=["data-missing", "data-empty", "data-too-short", "seq-len-mismatch", "bad-split", "count-discrete",
-         "k-zero", "plot-folder-missing", "samples-missing", "samples-not-json", "scorer-wrong-kind",
+         "k-zero", "plot-folder-missing", "unknown-estimator", "unknown-device", "one-sequence", "samples-missing",
+         "samples-not-json", "scorer-wrong-kind",
          "scorer-offline", "generate-ar", "report-ar", "unknown-source"],
 )
 def test_bad_input_gives_one_line(argv, match, files, trained_ckpt, trained_ar):
