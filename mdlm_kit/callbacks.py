@@ -186,6 +186,7 @@ class NonFiniteGuard(L.Callback):
     ``train/skipped_steps``), and 10 such steps in a row still stop the run. Under 16-bit mixed precision
     the gradient scaler skips overflowing steps itself. The LightningModule keeps its last training loss
     as ``last_loss``; every process reaches the same decision (the gradients are all-reduced, the flags too).
+    Put it after the callbacks that change gradients: it checks what the optimizer is about to apply.
     """
 
     def __init__(self, max_consecutive: int = 10) -> None:
