@@ -1,6 +1,7 @@
-# The two commands of the README:
+# The commands of the README:
 #   make quickstart   set up .venv, train the tiny model on the embedded Shakespeare corpus (CPU), report
 #   make test         set up .venv and run the test suite
+#   make golden       rewrite tests/assets/golden_debug_losses.json, the losses tests/test_golden.py expects
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 RUN_DIR ?= runs/quickstart
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test lint clean
+.PHONY: install quickstart test golden lint clean
 
 install: $(STAMP)
 
@@ -26,6 +27,10 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# after a change meant to alter training (objective, schedule, model, data order, optimizer): review the diff
+golden: $(STAMP)
+	$(BIN)/python tests/golden.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

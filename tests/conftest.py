@@ -6,6 +6,11 @@ import torch
 from helpers import CONFIGS, random_dit, run_cli, write_corpus
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread, here and in the commands the tests start: the tensors are small, so a second thread buys little
+# and costs a fork/join per op, and when other processes hold the cores a descheduled worker stalls every op (on a
+# loaded 2-core machine test_objective.py took 162 s of CPU with two threads, 47 s with one; an ancestral sampling
+# loop 92 s, 8 s). Float results depend on the thread count: this also makes them the same on bigger machines.
+torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "1")))
 # Triton kernels run under the interpreter on machines without a GPU; this must be set before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

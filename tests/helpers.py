@@ -25,6 +25,24 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
     )
 
 
+def run_main(capfd, *args: str) -> subprocess.CompletedProcess:
+    """``mdlm-kit ARGS`` in this process, as ``run_cli`` reports it (exit status, stdout, stderr), without the
+    seconds a fresh interpreter spends importing torch and Lightning. ``capfd`` is the test's fixture."""
+    from mdlm_kit.cli import main
+
+    capfd.readouterr()  # what the test printed before is not this command's output
+    argv, sys.argv = sys.argv, ["mdlm-kit"]  # the console script's: help names it, Lightning sees no other arguments
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        sys.argv = argv
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(["mdlm-kit", *args], code, out, err)
+
+
 def write_corpus(folder: Path, n_docs: int = 8, lines: int = 150, seed: int = 0) -> Path:
     """A small corpus with learnable structure: lines drawn from a few fixed sentences, so a masked
     character is predictable from its neighbours far beyond what character frequencies allow."""
@@ -183,8 +201,28 @@ def _poison_at_class():
     return PoisonAt
 
 
+def _record_losses_class():
+    import json
+
+    from lightning.pytorch.callbacks import Callback
+
+    class RecordLosses(Callback):
+        """Appends one JSON line per training step to ``path``: the global step and the module's ``last_loss``,
+        the float64 per-token loss of which the logged float32 loss is the rounding."""
+
+        def __init__(self, path: str):
+            self.path = path
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": trainer.global_step, "loss": float(pl_module.last_loss)}) + "\n")
+
+    return RecordLosses
+
+
 _CALLBACKS = {"RecordBatches": _record_batches_class, "KillAt": _kill_at_class,
-              "KillDuringSave": _kill_during_save_class, "PoisonAt": _poison_at_class}
+              "KillDuringSave": _kill_during_save_class, "PoisonAt": _poison_at_class,
+              "RecordLosses": _record_losses_class}
 
 
 def __getattr__(name):  # the callbacks import Lightning only when a CLI run asks for them

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from helpers import CONFIGS, run_cli, write_corpus
+from helpers import CONFIGS, run_cli, run_main, write_corpus
 
 
 def _one_line_error(proc, match: str):
@@ -13,39 +13,41 @@ def _one_line_error(proc, match: str):
     assert "Traceback" not in proc.stderr
 
 
-def test_help_lists_the_commands():
-    proc = run_cli("--help")
+def test_help_lists_the_commands(capfd, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")  # the width of a subprocess's help, whatever the terminal running pytest
+    proc = run_main(capfd, "--help")
     assert proc.returncode == 0
     for cmd in ("fit", "validate", "generate", "ppl", "genppl", "check-likelihood", "report"):
         assert f"\n  {cmd} " in proc.stdout
-    proc = run_cli("fit", "--help")
+    proc = run_main(capfd, "fit", "--help")
     assert proc.returncode == 0
     assert "--model CONFIG | CLASS_PATH_OR_NAME" in proc.stdout and "--data.corpus" in proc.stdout
     for model, option in (("MaskedDiffusionLM", "--model.schedule"), ("AutoregressiveLM", "--model.size")):
-        proc = run_cli("fit", "--model.help", model)
+        proc = run_main(capfd, "fit", "--model.help", model)
         assert proc.returncode == 0 and option in proc.stdout, proc.stderr[-2000:]
     for cmd, option in (("ppl", "--num_t_samples"), ("genppl", "--scorer"), ("check-likelihood", "--source")):
-        proc = run_cli(cmd, "--help")
+        proc = run_main(capfd, cmd, "--help")
         assert proc.returncode == 0 and option in proc.stdout, (cmd, proc.stderr[-2000:])
     # every --checkpoint takes an export folder and an MDLM checkpoint too, and its help says so
     for cmd in ("generate", "ppl", "report", "export"):
-        proc = run_cli(cmd, "--help")
+        proc = run_main(capfd, cmd, "--help")
         text = " ".join(proc.stdout.split())
         assert proc.returncode == 0 and "a folder written by mdlm-kit export" in text.replace("`", ""), (cmd, text)
         assert "checkpoint of the MDLM reference code" in text, (cmd, text)
 
 
-def test_print_config_resolves_the_debug_recipe():
-    proc = run_cli("fit", "--config", str(CONFIGS / "debug.yaml"), "--print_config")
+def test_print_config_resolves_the_debug_recipe(capfd):
+    proc = run_main(capfd, "fit", "--config", str(CONFIGS / "debug.yaml"), "--print_config")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "size: debug" in proc.stdout and "EMAWeightAveraging" in proc.stdout
     assert "tokenizer: char" in proc.stdout
 
 
-def test_every_config_parses():
+def test_every_config_parses(capfd):
     for cfg in sorted(CONFIGS.glob("*.yaml")):
-        proc = run_cli("fit", "--config", str(cfg), "--print_config")
+        proc = run_main(capfd, "fit", "--config", str(cfg), "--print_config")
         assert proc.returncode == 0, (cfg, proc.stderr[-2000:])
+        assert "class_path: mdlm_kit.lightning." in proc.stdout, cfg
 
 
 @pytest.fixture(scope="module")
@@ -65,32 +67,33 @@ def corpus(tmp_path_factory):
     ],
     ids=["missing-path", "unknown-schedule", "seq-len-above-max", "unknown-key", "unknown-tokenizer", "unknown-size"],
 )
-def test_fit_bad_input_gives_one_line_and_leaves_nothing(tmp_path, corpus, cache_root, args, match):
+def test_fit_bad_input_gives_one_line_and_leaves_nothing(tmp_path, corpus, cache_root, capfd, args, match):
     out = tmp_path / "run"
     argv = ["fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(corpus)]
-    proc = run_cli(*argv, "--trainer.default_root_dir", str(out), *args)
+    proc = run_main(capfd, *argv, "--trainer.default_root_dir", str(out), *args)
     _one_line_error(proc, match)
     assert not (out / "checkpoints").exists()
 
 
-def test_fit_on_an_empty_corpus(tmp_path, cache_root):
+def test_fit_on_an_empty_corpus(tmp_path, cache_root, capfd):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("\n\n")
-    proc = run_cli("fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(tmp_path / "empty"),
-                   "--trainer.default_root_dir", str(tmp_path / "run"))
+    proc = run_main(capfd, "fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(tmp_path / "empty"),
+                    "--trainer.default_root_dir", str(tmp_path / "run"))
     _one_line_error(proc, "empty corpus")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_unknown_command():
+    # a real process: the exit status and the one line are what a shell sees
     _one_line_error(run_cli("trian"), "unknown command 'trian'")
 
 
-def test_report_on_missing_and_corrupt_checkpoints(tmp_path):
-    _one_line_error(run_cli("report", "--checkpoint", str(tmp_path / "nope.ckpt")), "checkpoint not found")
+def test_report_on_missing_and_corrupt_checkpoints(tmp_path, capfd):
+    _one_line_error(run_main(capfd, "report", "--checkpoint", str(tmp_path / "nope.ckpt")), "checkpoint not found")
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint at all")
-    _one_line_error(run_cli("report", "--checkpoint", str(bad)), "not a readable checkpoint")
+    _one_line_error(run_main(capfd, "report", "--checkpoint", str(bad)), "not a readable checkpoint")
     other = tmp_path / "other.ckpt"
     torch.save({"weights": 1}, other)
-    _one_line_error(run_cli("report", "--checkpoint", str(other)), "not an mdlm-kit checkpoint")
+    _one_line_error(run_main(capfd, "report", "--checkpoint", str(other)), "not an mdlm-kit checkpoint")

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import CONFIGS, ROOT, read_records, run_cli, write_corpus
+from helpers import CONFIGS, ROOT, read_records, run_cli, run_main, write_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -19,13 +19,19 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("dist") / "corpus")
 
 
-def _fit(tmp, name, corpus, *extra, config=None):
+def _fit(tmp, name, corpus, *extra, config=None, capfd=None):
+    """The debug recipe with RecordBatches: in this process with ``capfd`` (one process), else in a subprocess (the
+    DDP strategies launch their processes by running the command line again)."""
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(config or "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
                    "      init_args: {save_last: true, every_n_train_steps: 100}\n")
-    proc = run_cli("fit", "--config", str(CONFIGS / "debug.yaml"), "--config", str(cfg), "--data.corpus", str(corpus),
-                   "--trainer.default_root_dir", str(tmp / name), *COMMON, "--trainer.callbacks.path",
-                   str(tmp / f"{name}.rec"), *extra, timeout=300, env={"PYTHONPATH": str(ROOT / "tests")})
+    args = ["fit", "--config", str(CONFIGS / "debug.yaml"), "--config", str(cfg), "--data.corpus", str(corpus),
+            "--trainer.default_root_dir", str(tmp / name), *COMMON, "--trainer.callbacks.path",
+            str(tmp / f"{name}.rec"), *extra]
+    if capfd is not None:
+        proc = run_main(capfd, *args)
+    else:
+        proc = run_cli(*args, timeout=300, env={"PYTHONPATH": str(ROOT / "tests")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -47,9 +53,9 @@ FSDP2 = """trainer:
 """
 
 
-def test_two_process_ddp_and_fsdp2_match_one_process_for_the_same_global_batch(tmp_path, corpus, cache_root):
+def test_two_process_ddp_and_fsdp2_match_one_process_for_the_same_global_batch(tmp_path, corpus, cache_root, capfd):
     steps = ["--trainer.max_steps", "8"]
-    _fit(tmp_path, "one", corpus, *steps, "--data.batch_size", "16")
+    _fit(tmp_path, "one", corpus, *steps, "--data.batch_size", "16", capfd=capfd)
     _fit(tmp_path, "ddp", corpus, *steps, "--data.batch_size", "8", "--trainer.devices", "2",
          "--trainer.strategy", "ddp")
     _fit(tmp_path, "fsdp", corpus, *steps, "--data.batch_size", "8", "--trainer.devices", "2", config=FSDP2)
@@ -68,13 +74,14 @@ def test_two_process_ddp_and_fsdp2_match_one_process_for_the_same_global_batch(t
     # the one-process run moved: the losses are not constant
     assert one[0]["loss"][0] - one[-1]["loss"][0] > 0.1
     # the FSDP2 run's checkpoint is a full state dict that the other commands read
-    proc = run_cli("ppl", "--checkpoint", str(tmp_path / "fsdp" / "checkpoints" / "last.ckpt"), "--max_sequences", "8")
+    proc = run_main(capfd, "ppl", "--checkpoint", str(tmp_path / "fsdp" / "checkpoints" / "last.ckpt"),
+                    "--max_sequences", "8")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["num_sequences"] == 8
 
 
 @pytest.mark.parametrize("accumulate", [1, 3])
-def test_resumed_run_sees_exactly_the_batches_and_losses_of_an_uninterrupted_run(tmp_path, corpus, cache_root,
+def test_resumed_run_sees_exactly_the_batches_and_losses_of_an_uninterrupted_run(tmp_path, corpus, cache_root, capfd,
                                                                                accumulate):
     """8 batches per epoch; a run stopped mid-epoch and resumed sees the batches and losses of a run never stopped.
 
@@ -87,10 +94,11 @@ def test_resumed_run_sees_exactly_the_batches_and_losses_of_an_uninterrupted_run
            f"      init_args: {{save_last: true, every_n_train_steps: {stop}}}\n")
     args = ["--data.batch_size", "64", "--trainer.val_check_interval", "10",
             "--trainer.accumulate_grad_batches", str(accumulate)]
-    _fit(tmp_path, "full", corpus, *args, "--trainer.max_steps", str(end), config=cfg)
-    _fit(tmp_path, "part", corpus, *args, "--trainer.max_steps", str(stop), config=cfg)
+    _fit(tmp_path, "full", corpus, *args, "--trainer.max_steps", str(end), config=cfg, capfd=capfd)
+    _fit(tmp_path, "part", corpus, *args, "--trainer.max_steps", str(stop), config=cfg, capfd=capfd)
     ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
-    _fit(tmp_path, "rest", corpus, *args, "--trainer.max_steps", str(end), "--ckpt_path", str(ckpt), config=cfg)
+    _fit(tmp_path, "rest", corpus, *args, "--trainer.max_steps", str(end), "--ckpt_path", str(ckpt), config=cfg,
+         capfd=capfd)
     full = read_records(tmp_path / "full.rec")
     part, rest = read_records(tmp_path / "part.rec"), read_records(tmp_path / "rest.rec")
     assert (part[-1]["epoch"], part[-1]["batch_idx"]) == (1, 5)  # stopped mid-epoch
@@ -100,12 +108,11 @@ def test_resumed_run_sees_exactly_the_batches_and_losses_of_an_uninterrupted_run
     assert len(epoch2) == len(set(epoch2)) == 8 * 64  # an epoch is a permutation: nothing repeated
 
 
-def test_resuming_with_another_global_batch_is_refused(tmp_path, corpus, cache_root):
-    _fit(tmp_path, "a", corpus, "--data.batch_size", "16", "--trainer.max_steps", "3")
-    proc = run_cli("fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(corpus),
-                   "--trainer.default_root_dir", str(tmp_path / "b"), "--data.batch_size", "8",
-                   "--trainer.max_steps", "6", "--ckpt_path", str(tmp_path / "a" / "checkpoints" / "last.ckpt"),
-                   timeout=300)
+def test_resuming_with_another_global_batch_is_refused(tmp_path, corpus, cache_root, capfd):
+    _fit(tmp_path, "a", corpus, "--data.batch_size", "16", "--trainer.max_steps", "3", capfd=capfd)
+    proc = run_main(capfd, "fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(corpus),
+                    "--trainer.default_root_dir", str(tmp_path / "b"), "--data.batch_size", "8",
+                    "--trainer.max_steps", "6", "--ckpt_path", str(tmp_path / "a" / "checkpoints" / "last.ckpt"))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "global batch of 16" in proc.stderr.strip().splitlines()[-1]
     assert os.path.exists(tmp_path / "a" / "checkpoints" / "last.ckpt")

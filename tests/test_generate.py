@@ -3,15 +3,15 @@ import json
 import pytest
 import torch
 
-from helpers import run_cli
-from mdlm_kit.checkpoint import load_checkpoint
+from helpers import run_main
 from mdlm_kit.generate import generate_samples
+from mdlm_kit.io import load_checkpoint
 
 
-def test_generate_writes_jsonl_with_text_and_tokens_and_keeps_the_prompt(trained_ckpt, tmp_path):
+def test_generate_writes_jsonl_with_text_and_tokens_and_keeps_the_prompt(trained_ckpt, tmp_path, capfd):
     out = tmp_path / "s.jsonl"
-    proc = run_cli("generate", "--checkpoint", str(trained_ckpt), "--sampler", "fhs", "--num_samples", "3",
-                   "--length", "48", "--seed", "7", "--prompt", "the king", "--output", str(out))
+    proc = run_main(capfd, "generate", "--checkpoint", str(trained_ckpt), "--sampler", "fhs", "--num_samples", "3",
+                    "--length", "48", "--seed", "7", "--prompt", "the king", "--output", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 3
@@ -22,8 +22,8 @@ def test_generate_writes_jsonl_with_text_and_tokens_and_keeps_the_prompt(trained
         assert r["text"].startswith("the king")
         assert model.mask_id not in r["tokens"]
     # stdout when no --output, and the same samples for the same seed
-    proc = run_cli("generate", "--checkpoint", str(trained_ckpt), "--num_samples", "3", "--length", "48",
-                   "--seed", "7", "--prompt", "the king")
+    proc = run_main(capfd, "generate", "--checkpoint", str(trained_ckpt), "--num_samples", "3", "--length", "48",
+                    "--seed", "7", "--prompt", "the king")
     assert [json.loads(line)["tokens"] for line in proc.stdout.splitlines()] == [r["tokens"] for r in rows]
 
 
@@ -46,24 +46,24 @@ def test_samples_do_not_depend_on_the_batch_size(trained_ckpt):
         (["--length", "100000"], "above the model's maximum sequence length"),
     ],
 )
-def test_generate_bad_input(trained_ckpt, tmp_path, args, match):
+def test_generate_bad_input(trained_ckpt, tmp_path, capfd, args, match):
     out = tmp_path / "out.jsonl"
-    proc = run_cli("generate", "--checkpoint", str(trained_ckpt), "--output", str(out), *args)
+    proc = run_main(capfd, "generate", "--checkpoint", str(trained_ckpt), "--output", str(out), *args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("mdlm-kit: error: ")
     assert match in proc.stderr.strip().splitlines()[-1]
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_generate_missing_checkpoint_and_output_folder(tmp_path, trained_ckpt):
-    proc = run_cli("generate", "--checkpoint", str(tmp_path / "none.ckpt"))
+def test_generate_missing_checkpoint_and_output_folder(tmp_path, trained_ckpt, capfd):
+    proc = run_main(capfd, "generate", "--checkpoint", str(tmp_path / "none.ckpt"))
     assert proc.returncode == 2 and "checkpoint not found" in proc.stderr
-    proc = run_cli("generate", "--checkpoint", str(trained_ckpt), "--output", str(tmp_path / "no" / "x.jsonl"))
+    proc = run_main(capfd, "generate", "--checkpoint", str(trained_ckpt), "--output", str(tmp_path / "no" / "x.jsonl"))
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
-def test_report_adds_samples(trained_ckpt):
-    proc = run_cli("report", "--checkpoint", str(trained_ckpt), "--num_samples", "2", "--sample_length", "32")
+def test_report_adds_samples(trained_ckpt, capfd):
+    proc = run_main(capfd, "report", "--checkpoint", str(trained_ckpt), "--num_samples", "2", "--sample_length", "32")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rep = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(rep["samples"]) == 2 and all(isinstance(s, str) and s for s in rep["samples"])

@@ -111,8 +111,8 @@ def test_masked_only_head_gives_the_same_nelbo_and_gradients(estimator, time_con
     runs = []
     for masked_only in (False, True):
         model.zero_grad()
-        terms = nelbo(model, x0, t, u, sched, 36, estimator=estimator, time_conditioning=time_conditioning,
-                      masked_only=masked_only)
+        terms = nelbo(model.features if masked_only else model, x0, t, u, sched, 36, estimator=estimator,
+                      time_conditioning=time_conditioning, head=model.head if masked_only else None)
         terms.per_token().backward()
         runs.append((terms, [p.grad.clone() for p in model.parameters()]))
     (full, g_full), (fast, g_fast) = runs
@@ -134,7 +134,8 @@ def test_masked_only_head_under_bf16_autocast_matches_full_logits():
     for masked_only in (False, True):
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            terms = nelbo(model, x0, t, u, make_schedule("loglinear"), 36, masked_only=masked_only)
+            terms = nelbo(model.features if masked_only else model, x0, t, u, make_schedule("loglinear"), 36,
+                          head=model.head if masked_only else None)
         terms.per_token().backward()
         values.append(terms.per_token().item())
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
