@@ -411,6 +411,12 @@ def _one_line(msg: str) -> str:
                 return f"{'.'.join(keys)}: {m.group(2)} (by {cls})"
         elif m := re.match(r"- Problem with given class_path '([^']+)'", ln):
             cls = m.group(1).rsplit(".", 1)[-1]
+        elif (m := re.match(r"Given value: (.*)", ln)) and cls:  # a value no type of the option accepts
+            from mdlm_kit.schedules import SCHEDULES
+
+            names = ", ".join(c.__name__ for c in SCHEDULES.values())
+            choices = f"; choose one of: {names}" if keys[-1] == "schedule" else ""
+            return f"{'.'.join(keys)}: invalid value {m.group(1)!r}{choices} (by {cls})"
         elif cls and not ln.startswith(("- ", "Given value", "Subtypes", "Errors", "Does not validate")):
             return f"{'.'.join(keys)}: {ln} (by {cls})"
     return " ".join(lines[:3])

@@ -59,11 +59,12 @@ def corpus(tmp_path_factory):
     "args, match",
     [
         (["--data.corpus", "/no/such/corpus"], "no such file or folder: /no/such/corpus"),
-        (["--model.schedule", "cosin"], "unknown schedule 'cosin'"),
+        (["--model.schedule", "cosin"], "model.schedule: invalid value 'cosin'; choose one of: LogLinear,"),
         (["--data.seq_len", "300"], "above the model's maximum sequence length 256"),
         (["--model.no_such_option", "3"], "no_such_option"),
         (["--data.tokenizer", "words"], "data.tokenizer 'words' is not one of char, bpe, gpt2"),
-        (["--model.size", "huge"], "unknown model size 'huge'"),
+        (["--model.size", "huge"], "model.size: Expected a typing.Literal['debug', 'tiny', 'small', 'medium']. Got "
+                                   "value: huge"),
     ],
     ids=["missing-path", "unknown-schedule", "seq-len-above-max", "unknown-key", "unknown-tokenizer", "unknown-size"],
 )

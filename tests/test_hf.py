@@ -175,6 +175,19 @@ def test_ema_false_exports_the_weights_before_averaging(trained_ckpt, exports, t
     assert not torch.equal(trained["backbone.embed.weight"], averaged["backbone.embed.weight"])
 
 
+
+def test_an_export_exports_again_with_the_same_weights_and_facts(exports, tmp_path):
+    """export takes what every --checkpoint takes, an export folder too (its one set of weights; --ema false needs
+    the .ckpt)."""
+    summary = export(str(exports["agnostic"]), str(tmp_path / "again"))
+    assert summary["weights"] == "export"
+    first, second = hf.load_export(exports["agnostic"])[0], hf.load_export(tmp_path / "again")[0]
+    assert first.config == second.config
+    assert all(torch.equal(v, second.state_dict()[k]) for k, v in first.state_dict().items())
+    with pytest.raises(UserError, match="--ema false needs the .ckpt"):
+        export(str(exports["agnostic"]), str(tmp_path / "raw"), ema=False)
+
+
 def _cli(capsys, *argv) -> tuple[int, str, str]:
     """The ``mdlm-kit`` command in this process: (exit status, stdout, stderr)."""
     try:

@@ -158,7 +158,8 @@ def export(checkpoint: str, out: str, ema: bool = True, overwrite: bool = False)
     and renamed into place: ``out`` is never left half-written.
 
     Args:
-        checkpoint: a ``.ckpt`` written by ``mdlm-kit fit``, or a checkpoint of the MDLM reference code.
+        checkpoint: a ``.ckpt`` written by ``mdlm-kit fit``, a folder written by ``mdlm-kit export``, or a
+            checkpoint of the MDLM reference code.
         out: the folder to write (its parent must exist).
         ema: the EMA weights of a run trained with ``EMAWeightAveraging`` (the checkpoint's ``state_dict``,
             the weights every mdlm-kit command uses); ``false``: the trained weights Lightning saved beside
@@ -167,7 +168,8 @@ def export(checkpoint: str, out: str, ema: bool = True, overwrite: bool = False)
 
     Returns:
         ``out``, the ``files`` written, ``num_parameters``, ``vocab_size`` (with the mask), ``kind``,
-        ``weights`` (``ema`` or ``raw``) and ``auto_tokenizer`` (whether the tokenizer files were written).
+        ``weights`` (``ema``, ``raw``, or ``export`` for an export folder) and ``auto_tokenizer`` (whether the
+        tokenizer files were written).
     """
     out_path = Path(out).expanduser().absolute()
     _check_out(out_path, overwrite)
@@ -177,9 +179,12 @@ def export(checkpoint: str, out: str, ema: bool = True, overwrite: bool = False)
     if is_mdlm_checkpoint(ckpt_path):  # the MDLM reference code's: its EMA weights unless ema is false
         model, dm = load_mdlm_checkpoint(ckpt_path, use_ema=ema)
         weights = model.imported_weights
+    elif ckpt_path.is_dir():  # an earlier export: written again (a newer layout, another place)
+        if not ema:
+            raise UserError(f"{ckpt_path} is an export and holds one set of weights; --ema false needs the .ckpt")
+        model, dm = load_checkpoint(ckpt_path)
+        weights = "export"
     else:
-        if ckpt_path.is_dir():
-            raise UserError(f"{ckpt_path} is a folder; export takes a .ckpt written by mdlm-kit fit")
         model, dm = load_checkpoint(ckpt_path)
         weights = _checkpoint_weights(ckpt_path, model, ema)
     hf = build_hf_model(model, dm)
