@@ -360,7 +360,7 @@ def _one_error_line(code, err, match):
         ("corrupt", "not a readable checkpoint"),
         ("no_parent", "does not exist; create it first"),
         ("not_empty", "exists and is not empty; pass --overwrite true"),
-        ("folder", "export takes a .ckpt"),
+        ("folder", "is a folder but not an mdlm-kit export"),
     ],
 )
 def test_export_errors_are_one_line_and_leave_nothing(case, match, trained_ckpt, tmp_path, capsys):

@@ -267,7 +267,9 @@ def test_a_killed_preparation_leaves_no_partial_cache_and_the_next_run_rebuilds_
 # ---- mdlm-kit data prepare ----
 
 
-def test_data_prepare_reports_tokens_shards_and_throughput(tmp_path):
+def test_data_prepare_reports_tokens_shards_and_throughput(tmp_path, monkeypatch):
+    # a cache of its own: the first preparation must tokenize, whatever earlier tests of the session cached
+    monkeypatch.setenv("MDLM_KIT_CACHE", str(tmp_path / "cache"))
     text = tmp_path / "notes.txt"
     text.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog." for i in range(400)))
     args = ["data", "prepare", "--config", str(CONFIGS / "debug.yaml"), "--no_progress"]
