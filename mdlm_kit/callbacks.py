@@ -192,17 +192,17 @@ class NonFiniteGuard(L.Callback):
     def __init__(self, max_consecutive: int = 10) -> None:
         self.max_consecutive = max_consecutive
         self.skips = 0
-        self.saved: tuple[str, int] | None = None
+        self.saved_step: int | None = None  # the step of the newest checkpoint this run wrote
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        self.saved = (None, trainer.global_step)  # the step of the newest checkpoint this run wrote
+        self.saved_step = trainer.global_step
 
     def last_good(self, trainer: L.Trainer) -> tuple[str, int] | None:
-        if self.saved is None:
+        if self.saved_step is None:
             return None
         paths = [Path(p) for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
                  for p in (cb.last_model_path, cb.best_model_path) if p and Path(p).is_file()]
-        return (str(max(paths, key=lambda p: p.stat().st_mtime)), self.saved[1]) if paths else None
+        return (str(max(paths, key=lambda p: p.stat().st_mtime)), self.saved_step) if paths else None
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         if getattr(trainer.precision_plugin, "scaler", None) is not None:

@@ -271,6 +271,11 @@ class MaskedDiffusionLM(LanguageModel):
     family_class = MaskedDiffusion
     kind = MaskedDiffusion.kind
 
+    @property
+    def estimator(self) -> str:
+        """The resolved estimator (``auto`` made ``time`` or ``count``): the family's."""
+        return self.family.estimator
+
     def __init__(
         self,
         vocab_size: int = 0,
@@ -319,7 +324,6 @@ class MaskedDiffusionLM(LanguageModel):
             n_layers=n_layers, d_model=d_model, n_heads=n_heads, cond_dim=cond_dim, max_seq_len=max_seq_len,
             dropout=dropout, time_conditioning=time_conditioning, layout=layout, conv_kernel=conv_kernel,
         )
-        self.estimator = estimator
         self.family = MaskedDiffusion(self.mask_id, self.schedule, num_steps, estimator, time_conditioning, seed,
                                       masked_only, ce_kernel)
 

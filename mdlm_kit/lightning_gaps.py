@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
@@ -27,12 +26,8 @@ class CheckpointHparamsCLI(LightningCLI):
     """LightningCLI whose ``--ckpt_path`` model settings come from ``checkpoint_hparams`` (gap 1)."""
 
     def checkpoint_hparams(self, path: str) -> dict | None:
-        """The model settings of the checkpoint at ``path`` as a config entry; None to keep the config's."""
-        hparams = dict(torch.load(path, weights_only=True, map_location="cpu").get("hyper_parameters") or {})
-        hparams.pop("_instantiator", None)
-        if "_class_path" in hparams:
-            return {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
-        return hparams or None
+        """The model settings of the checkpoint at ``path`` as a config entry; None (here) keeps the config's."""
+        return None
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
