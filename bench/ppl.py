@@ -24,7 +24,8 @@ import torch
 
 from mdlm_kit import rng
 from mdlm_kit.eval.likelihood import evaluate_likelihood
-from mdlm_kit.lightning import MaskedDiffusionLM
+from mdlm_kit.lightning import LanguageModel
+from mdlm_kit.models import Backbone
 
 
 @torch.no_grad()
@@ -64,8 +65,9 @@ def main() -> None:
     args = p.parse_args()
 
     torch.manual_seed(args.seed)
-    model = MaskedDiffusionLM(args.vocab, size=args.size, max_seq_len=max(args.seq_len, 256)).to(args.device).eval()
-    backbone, schedule, mask_id = model.backbone, model.schedule, model.mask_id
+    backbone = Backbone(args.size, max_seq_len=max(args.seq_len, 256))
+    model = LanguageModel(args.vocab, backbone).to(args.device).eval()
+    backbone, schedule, mask_id = model.backbone, model.family.schedule, model.mask_id
     for prm in backbone.final.parameters():  # the zero-initialized head would make every prediction uniform
         torch.nn.init.normal_(prm, std=0.02)
     gen = np.random.default_rng(args.seed)

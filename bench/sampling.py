@@ -34,7 +34,7 @@ def main() -> None:
         from mdlm_kit.io import load_checkpoint
 
         model, _ = load_checkpoint(args.checkpoint, kind="diffusion")
-        backbone, schedule, mask_id = model.backbone, model.schedule, model.mask_id
+        backbone, schedule, mask_id = model.backbone, model.family.schedule, model.mask_id
         source = args.checkpoint
     else:
         torch.manual_seed(args.seed)

@@ -87,7 +87,7 @@ def worker(args) -> dict:
     model = DiT(cfg).to(device)
     for p in model.final.parameters():  # the zero-initialized head would make the loss trivial
         torch.nn.init.normal_(p, std=0.02)
-    fused = {"auto": device in ("cuda", "cpu"), "on": True, "off": False}[args.fused_adamw]  # auto: the library's
+    fused = {"auto": device in ("cuda", "cpu"), "on": True, "off": False}[args.fused_adamw]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     schedule, mask_id = make_schedule("loglinear"), args.vocab - 1
     loss_fn = reference_loss if args.worker == "reference" else toolkit_loss
@@ -141,7 +141,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (both steps)")
-    p.add_argument("--fused_adamw", choices=["auto", "on", "off"], default="auto", help="auto: as the library (on)")
+    p.add_argument("--fused_adamw", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA and CPU")
     p.add_argument("--worker", choices=["reference", "toolkit"], default=None)
     args = p.parse_args()
     if args.worker:

@@ -14,6 +14,7 @@ import json
 import tempfile
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,9 @@ def train_on_source(corpus: Path, source: Source, steps: int, size: str = "debug
     import lightning as L
 
     from mdlm_kit.data import TextDataModule
-    from mdlm_kit.lightning import MaskedDiffusionLM
+    from mdlm_kit.families import MaskedDiffusion
+    from mdlm_kit.lightning import LanguageModel, WarmupCosine
+    from mdlm_kit.models import Backbone
 
     src, gen = make_source(source, seed), np.random.default_rng(seed + 1)
     with open(corpus, "w", encoding="utf-8") as f:
@@ -43,8 +46,9 @@ def train_on_source(corpus: Path, source: Source, steps: int, size: str = "debug
     dm = TextDataModule(str(corpus), tokenizer="char", seq_len=seq_len, batch_size=batch_size,
                         eval_batch_size=128, val_fraction=0.1, packing="concat")
     warmup = min(100, steps // 10)
-    model = MaskedDiffusionLM(dm.model_vocab_size, size=size, schedule=schedule, lr=lr, warmup_steps=warmup,
-                              decay_steps=max(1, steps - warmup), seed=seed)
+    model = LanguageModel(dm.model_vocab_size, Backbone(size), MaskedDiffusion(schedule, seed=seed),
+                          optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=0.0),
+                          lr_scheduler=partial(WarmupCosine, warmup_steps=warmup, decay_steps=max(1, steps - warmup)))
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=progress, gradient_clip_val=1.0,
                         limit_val_batches=0, num_sanity_val_steps=0)

@@ -41,7 +41,7 @@ def _retokenize(rec: dict, encode) -> tuple[list[int], int]:
 
 
 class ToolkitScorer:
-    """An ``AutoregressiveLM`` checkpoint of this toolkit."""
+    """An autoregressive checkpoint of this toolkit."""
 
     def __init__(self, checkpoint: str, device: str = "cpu"):
         from mdlm_kit.io import load_checkpoint
@@ -152,7 +152,7 @@ def genppl(samples: str, scorer: str = "gpt2-large", device: Device = "auto") ->
     Args:
         samples: JSON lines written by ``mdlm-kit generate --output FILE.jsonl``.
         scorer: a Hugging Face causal LM (hub name or local folder; ``gpt2-large`` as in the MDLM paper)
-            or an ``AutoregressiveLM`` checkpoint (``.ckpt``) of this toolkit, or its ``mdlm-kit export`` folder.
+            or an autoregressive checkpoint (``.ckpt``) of this toolkit, or its ``mdlm-kit export`` folder.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     """
     records = read_samples(samples)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ class Likelihood:
 @torch.no_grad()
 def evaluate_likelihood(model, blocks: np.ndarray, batch_size: int = 64, seed: int = 0, num_steps: int | None = None,
                         num_t_samples: int = 1, estimator: str | None = None, progress: bool = False) -> Likelihood:
-    """Likelihood of ``model`` (``MaskedDiffusionLM`` or ``AutoregressiveLM``) on ``blocks`` (N, L).
+    """Likelihood of ``model`` (a ``LanguageModel`` of either family) on ``blocks`` (N, L).
 
     Diffusion: the NELBO with ``num_t_samples`` time samples per sequence, averaged (one is the MDLM
     protocol), continuous time or ``num_steps`` discrete steps, with ``estimator`` ``time`` or ``count``
@@ -73,7 +73,7 @@ def evaluate_likelihood(model, blocks: np.ndarray, batch_size: int = 64, seed: i
     diffusion, family = model.kind == "diffusion", model.family
     K = num_t_samples if diffusion else 1
     if diffusion:  # the evaluation's own noise, time grid and estimator
-        family = replace(family, seed=seed, num_steps=num_steps, estimator=estimator or family.estimator)
+        family = family.replace(seed=seed, num_steps=num_steps, estimator=estimator or family.estimator)
     per_seq, tokens, levels, contribs, endpoint = [], [], [], [], 0.0
     start, starts = time.perf_counter(), range(0, len(blocks), batch_size)
     for lo in tqdm(starts, desc="ppl", unit="batch", disable=None if progress and len(starts) > 1 else True,

@@ -69,7 +69,7 @@ def evaluate(model, blocks, estimator: Estimator = "time", num_t_samples: int = 
     protocol = {"estimator": estimator, "num_t_samples": num_t_samples,
                 "time": "continuous" if num_steps is None else f"discrete, T={num_steps}",
                 "time_sampling": "stratified per sequence (golden-ratio sequence over keys i*K+k)",
-                "schedule": model.hparams.schedule, "seed": seed}
+                "schedule": model.family.schedule.spec(), "seed": seed}
     return {**out, "bound": "NELBO: an upper bound on -log p(x) per token",
             "endpoint_nats_per_token": res.endpoint / float(res.num_tokens.sum()), "protocol": protocol,
             "buckets": [round(b, 6) for b in res.buckets(num_buckets)]}

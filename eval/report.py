@@ -46,7 +46,7 @@ def report(checkpoint: str, batch_size: int = 64, seed: int = 0, num_samples: in
         from mdlm_kit.generate import generate_samples
 
         # on the CPU, where mdlm-kit generate samples: the same seed gives the same texts
-        samples = generate_samples(model.cpu(), dm.tokenizer, "fhs", num_samples, sample_length, seed=seed)
+        samples = generate_samples(model.cpu(), dm.tokenizer, "fhs", num_samples, sample_length, seed)
         out["samples"] = [s["text"] for s in samples]
     print(json.dumps(out))
     return out

@@ -1,4 +1,5 @@
-"""Crash-safe checkpointing: atomic checkpoint files, and a checkpoint at the end of every run.
+"""What training needs beside the model: crash-safe checkpoints (atomic files, a checkpoint at the end of every
+run), the non-finite guard, and the backbone's compile and FSDP2 sharding.
 
 ``mdlm-kit fit`` installs both; with the Python API pass them to the ``Trainer`` yourself::
 
@@ -16,7 +17,7 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -182,15 +183,17 @@ def stop_reason(trainer: L.Trainer, sigterm: bool = False) -> str | None:
 class NonFiniteGuard(L.Callback):
     """A non-finite loss or gradient stops the run before the optimizer step, with one line naming the step
     and the last good checkpoint, and nothing is saved after it (``ModelCheckpoint(save_on_exception)``
-    included); with ``model.on_nonfinite: skip`` the step is skipped instead (no update; logged as
-    ``train/skipped_steps``), and 10 such steps in a row still stop the run. Under 16-bit mixed precision
-    the gradient scaler skips overflowing steps itself. The LightningModule keeps its last training loss
+    included); with ``action="skip"`` (``mdlm-kit fit --on_nonfinite skip``) the step is skipped instead (no
+    update; logged as ``train/skipped_steps``), and 10 such steps in a row still stop the run. Under 16-bit mixed
+    precision the gradient scaler skips overflowing steps itself. The LightningModule keeps its last training loss
     as ``last_loss``; every process reaches the same decision (the gradients are all-reduced, the flags too).
     Put it after the callbacks that change gradients: it checks what the optimizer is about to apply.
     """
 
-    def __init__(self, max_consecutive: int = 10) -> None:
-        self.max_consecutive = max_consecutive
+    def __init__(self, action: Literal["stop", "skip"] = "stop", max_consecutive: int = 10) -> None:
+        if action not in ("stop", "skip"):
+            raise UserError(f"on_nonfinite must be stop or skip, got {action!r}")
+        self.action, self.max_consecutive = action, max_consecutive
         self.skips = 0
         self.saved_step: int | None = None  # the step of the newest checkpoint this run wrote
 
@@ -225,10 +228,10 @@ class NonFiniteGuard(L.Callback):
                 if flags[0] > 0 else "gradient")
         step = trainer.global_step
         self.skips += 1
-        action = pl_module.hparams.get("on_nonfinite", "stop")
+        action = self.action
         if action == "skip" and self.skips <= self.max_consecutive:
             if trainer.is_global_zero:
-                log.warning("non-finite %s at step %d: step skipped (model.on_nonfinite: skip)", what, step)
+                log.warning("non-finite %s at step %d: step skipped (--on_nonfinite skip)", what, step)
             pl_module.log("train/skipped_steps", float(self.skips), reduce_fx="max")
             for p in pl_module.parameters():  # AdamW leaves parameters without a gradient untouched
                 p.grad = None
@@ -238,8 +241,43 @@ class NonFiniteGuard(L.Callback):
                 cb.save_on_exception = False
         saved = self.last_good(trainer)
         kept = f"the last good checkpoint is {saved[0]} (step {saved[1]})" if saved else "no checkpoint was written"
-        fix = ("lower model.lr or set trainer.gradient_clip_val, then resume with --ckpt_path last; or set "
-               "model.on_nonfinite: skip to skip such steps" if action == "stop" else
+        fix = ("lower the learning rate or set trainer.gradient_clip_val, then resume with --ckpt_path last; or "
+               "add --on_nonfinite skip to skip such steps" if action == "stop" else
                f"{self.skips} steps in a row were non-finite, so the weights are broken: resume from it with a "
-               "lower model.lr")
+               "lower learning rate")
         raise UserError(f"non-finite {what} at step {step}; training stopped without saving; {kept}; {fix}")
+
+
+class CompileBlocks(L.Callback):
+    """``torch.compile`` each transformer block of the backbone (the blocks hold the work; the head is the fused
+    loss's): ``--trainer.callbacks+=mdlm_kit.callbacks.CompileBlocks``."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not getattr(pl_module.backbone, "compiled", False):
+            for block in pl_module.backbone.blocks:
+                block.compile()
+            pl_module.backbone.compiled = True
+
+
+class FSDP2Sharding(L.Callback):
+    """FSDP2 under Lightning's ``ModelParallelStrategy``: each transformer block its own unit, the rest in the
+    root's. ``mdlm-kit fit`` adds it when the strategy is a ``ModelParallelStrategy`` (configs/fsdp.yaml)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from lightning.pytorch.callbacks import WeightAveraging
+        from torch.distributed.fsdp import fully_shard
+
+        mesh, backbone = pl_module.device_mesh, pl_module.backbone
+        if mesh is None or getattr(backbone, "sharded", False):
+            return
+        if any(isinstance(cb, WeightAveraging) for cb in trainer.callbacks):
+            raise UserError("EMA (EMAWeightAveraging) does not work with FSDP2 (ModelParallelStrategy): "
+                            "Lightning's weight averaging copies the whole model; train with DDP for EMA, "
+                            "or remove the callback")
+        dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        for block in backbone.blocks:
+            fully_shard(block, mesh=dp)
+        fully_shard(backbone, mesh=dp)
+        backbone.sharded = True
+        if hasattr(pl_module.family, "masked_only"):  # forward() gathers the shards; the masked-only head would not
+            pl_module.family.masked_only = False

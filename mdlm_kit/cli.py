@@ -1,7 +1,7 @@
 """The ``mdlm-kit`` command.
 
 - ``mdlm-kit fit|validate --config configs/X.yaml [...]``: LightningCLI over
-  ``MaskedDiffusionLM`` and ``TextDataModule`` (``--print_config`` works).
+  ``LanguageModel`` and ``TextDataModule`` (``--print_config`` works).
 - ``mdlm-kit generate --checkpoint CKPT --sampler fhs ...``: samples as JSON lines.
 - ``mdlm-kit ppl --checkpoint CKPT [...]``: the perplexity benchmark (bound with error bars) as JSON.
 - ``mdlm-kit genppl --samples F.jsonl --scorer NAME|AR.ckpt``: generative perplexity and diversity.
@@ -19,6 +19,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Literal
 
 from mdlm_kit.errors import UserError
 
@@ -85,12 +86,13 @@ def _lightning_cli(argv: list[str] | None) -> None:
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from lightning.pytorch.plugins.io import TorchCheckpointIO
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from mdlm_kit.callbacks import AtomicCheckpointIO, FinalCheckpoint, NonFiniteGuard, StepProgressBar
+    from mdlm_kit.callbacks import AtomicCheckpointIO, FinalCheckpoint, FSDP2Sharding, NonFiniteGuard, StepProgressBar
     from mdlm_kit.data import TextDataModule
     from mdlm_kit.io import InitWeights
-    from mdlm_kit.io.ckpt import check_resume, known_kwargs, read_checkpoint, resolve_last
-    from mdlm_kit.lightning import MODELS, LanguageModel
+    from mdlm_kit.io.ckpt import check_resume, model_hparams, read_checkpoint, resolve_last
+    from mdlm_kit.lightning import LanguageModel
     from mdlm_kit.lightning_gaps import CheckpointHparamsCLI
     from mdlm_kit.utils import check_writable_folder
 
@@ -101,16 +103,19 @@ def _lightning_cli(argv: list[str] | None) -> None:
             return {k: full[k] for k in LIGHTNING_COMMANDS}
 
         def add_arguments_to_parser(self, parser) -> None:
-            # the diffusion model unless the config names another (model.class_path: AutoregressiveLM)
-            parser.set_defaults({"model": {"class_path": "mdlm_kit.lightning.MaskedDiffusionLM"}})
+            # masked diffusion unless the config names another family (model.family: Autoregressive)
+            parser.set_defaults({"model.family": {"class_path": "mdlm_kit.families.MaskedDiffusion"}})
             # the data module shards each global batch by rank itself (the same samples, and noise, for any
             # number of processes) and resumes mid-epoch; Lightning's DistributedSampler would do neither
             parser.set_defaults({"trainer.use_distributed_sampler": False})
-            parser.link_arguments("data.model_vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+            parser.link_arguments("data.model_vocab_size", "model.vocab_size", apply_on="instantiate")
             parser.add_argument("--checkpoint", type=str | None, default=None,
                                 help="start from these weights (an mdlm-kit .ckpt, an export folder or an MDLM "
                                 "checkpoint) of the same architecture: fine-tuning, or validating an export; "
                                 "--ckpt_path resumes a run instead")
+            parser.add_argument("--on_nonfinite", type=Literal["stop", "skip"], default="stop",
+                                help="a non-finite loss or gradient stops the run (keeping the last good checkpoint) "
+                                "or skips the step (10 in a row still stop it): callbacks.NonFiniteGuard")
 
         def _place_outputs(self) -> None:
             """Checkpoints in DIR/checkpoints (last.ckpt always, written atomically, also at the end of the run
@@ -131,7 +136,10 @@ def _lightning_cli(argv: list[str] | None) -> None:
                 # before the checkpoint callbacks (Lightning runs those last)
                 at = next((i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, Checkpoint)),
                           len(trainer.callbacks))
-                trainer.callbacks.insert(at, NonFiniteGuard())
+                trainer.callbacks.insert(at, NonFiniteGuard(self.config[self.subcommand].on_nonfinite))
+            if isinstance(trainer.strategy, ModelParallelStrategy) and not any(
+                    isinstance(cb, FSDP2Sharding) for cb in trainer.callbacks):
+                trainer.callbacks.insert(0, FSDP2Sharding())
             if not any(isinstance(cb, FinalCheckpoint) for cb in trainer.callbacks):
                 trainer.callbacks.append(FinalCheckpoint())  # after ModelCheckpoint: it saves first when due
             cfg = self.config[self.subcommand]
@@ -145,20 +153,18 @@ def _lightning_cli(argv: list[str] | None) -> None:
         def checkpoint_hparams(self, path: str) -> dict | None:
             """The model settings of ``--ckpt_path``, which override the config's: a broken file is one line, and
             settings this version does not know (another version's checkpoint) are dropped with a warning."""
-            hparams = dict(read_checkpoint(path).get("hyper_parameters") or {})
-            hparams.pop("_instantiator", None)
-            class_path = hparams.pop("_class_path", None)
-            if not hparams or not class_path:
-                return hparams or None
-            cls = next((c for c in MODELS.values() if class_path.endswith("." + c.__name__)), None)
-            if cls is not None:
-                unknown = sorted(set(hparams) - set(known_kwargs(cls, hparams)))
-                if unknown:
-                    logging.getLogger("mdlm_kit").warning(
-                        "--ckpt_path %s: ignoring model settings this version does not know: %s",
-                        path, ", ".join(unknown))
-                    hparams = known_kwargs(cls, hparams)
-            return {"class_path": class_path, "dict_kwargs": hparams}
+            ckpt = read_checkpoint(path)
+            stored = dict(ckpt.get("hyper_parameters") or {})
+            if not stored:
+                return None
+            hparams = model_hparams(stored, ckpt.get("mdlm_kit_model"))
+            unknown = sorted(k for k in stored if not k.startswith("_") and k not in hparams) if (
+                "family" in stored or "backbone" in stored) else []
+            if unknown:
+                logging.getLogger("mdlm_kit").warning(
+                    "--ckpt_path %s: ignoring model settings this version does not know: %s", path, ", ".join(unknown))
+            hparams.pop("vocab_size", None)  # the data's (linked), which check_resume compares with the weights
+            return {k: v for k, v in hparams.items() if v is not None}
 
         def _preflight(self) -> None:
             """Refuse, before anything is written, what would fail later: an unwritable output folder, data
@@ -199,7 +205,6 @@ def _lightning_cli(argv: list[str] | None) -> None:
     MdlmCLI(
         LanguageModel,
         TextDataModule,
-        subclass_mode_model=True,
         args=argv,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
@@ -247,7 +252,7 @@ def fit_summary(trainer, model, datamodule) -> list[str]:
         if model.hparams.get("unigram_bias") is False:
             missing.append("start the output bias at the token frequencies (model.unigram_bias: true)")
         if conv == 0:
-            missing.append("give the model a local convolution (model.conv_kernel: 3)")
+            missing.append("give the model a local convolution (model.backbone.conv_kernel: 3)")
         fix = "train longer (trainer.max_steps)" + "".join(f" and {m}" for m in missing)
         lines.append(
             f"mdlm-kit: warning: the validation {what} is within {1 - UNIGRAM_WARN_RATIO:.0%} of the unigram entropy: "
@@ -268,7 +273,17 @@ def _generate(argv: list[str]) -> None:
     from jsonargparse import CLI
 
     from mdlm_kit.generate import generate
+    from mdlm_kit.sampling import make_sampler
 
+    def alias(name: str) -> str:  # a registered name (fhs) is its class; an unknown one is one line listing them
+        return name if name.startswith(("{", "[")) or "." in name else type(make_sampler(name)).__name__
+
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg.startswith("--sampler="):
+            argv[i] = "--sampler=" + alias(arg[len("--sampler="):])
+        elif arg == "--sampler" and i + 1 < len(argv):
+            argv[i + 1] = alias(argv[i + 1])
     CLI(generate, args=argv, exit_on_error=False, as_positional=False)
 
 
@@ -419,6 +434,8 @@ def _one_line(msg: str) -> str:
             return f"{'.'.join(keys)}: invalid value {m.group(1)!r}{choices} (by {cls})"
         elif cls and not ln.startswith(("- ", "Given value", "Subtypes", "Errors", "Does not validate")):
             return f"{'.'.join(keys)}: {ln} (by {cls})"
+    if m := re.match(r'Parser key "([^"]+)":\s*(.*)', lines[0]):  # an option of a plain (not class_path) group
+        return f"{m.group(1)}: {' '.join([m.group(2)] + lines[1:3]).strip()}"
     return " ".join(lines[:3])
 
 

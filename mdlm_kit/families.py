@@ -2,7 +2,8 @@
 
 A family says, in one place, how a clean block is corrupted, what its loss is (a bound, or the exact NLL), and
 how a sampler calls the network. The LightningModule, evaluation (``mdlm-kit ppl``) and generation only talk to
-a family, so adding one (block diffusion next) touches this registry, the family's own code, a config and tests.
+a family, so adding one (block diffusion next) is a new subclass of ``Family``, a config and tests. In a config a
+family is a ``class_path`` object (``model.family: MaskedDiffusion``, ``--model.family.estimator count``).
 
 - ``MaskedDiffusion``: absorbing-state diffusion on the Rao-Blackwellized NELBO (``objective.nelbo``).
 - ``Autoregressive``: the same backbone, causal, on next-token NLL (``objective.autoregressive_nll``).
@@ -10,40 +11,106 @@ a family, so adding one (block diffusion next) touches this registry, the family
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+import inspect
 from typing import Literal
 
 from torch import Tensor, nn
 
-from mdlm_kit.objective import NelboTerms, autoregressive_nll, nelbo_from_keys
+from mdlm_kit.errors import UserError
+from mdlm_kit.objective import ESTIMATORS, NelboTerms, autoregressive_nll, nelbo_from_keys
 from mdlm_kit.sampling import SamplingContext
-from mdlm_kit.schedules import LogLinear, Schedule
+from mdlm_kit.schedules import Schedule, make_schedule
 
 
-@dataclass
-class MaskedDiffusion:
-    """Masked (absorbing-state) diffusion: SUBS parameterization, continuous time or T discrete steps.
+class Family:
+    """What corrupts a clean block, its loss, and how a sampler calls the backbone.
 
-    ``estimator`` is ``time`` or ``count`` (resolved by the caller; see ``objective``); ``seed`` keys the
-    corruption noise; ``masked_only`` projects only the masked rows (same loss and gradients).
+    ``mask_id`` (the backbone's last id: mask, or start token) is the backbone's: ``LanguageModel`` binds it.
     """
 
-    mask_id: int
-    schedule: Schedule = field(default_factory=LogLinear)
-    num_steps: int | None = None
-    estimator: Literal["time", "count"] = "time"
-    time_conditioning: bool = False
-    seed: int = 0
-    masked_only: bool = True
-    kernel: Literal["auto", "always", "never"] = "auto"
+    kind: str = ""  # diffusion | autoregressive: what checkpoints and exports record
+    metric: str = "nelbo"  # the logged loss: a bound (nelbo) or the exact likelihood (nll)
+    causal: bool = False  # the backbone's attention
+    time_conditioning: bool = False  # the backbone gets the noise level (adaLN)
+    mask_id: int = -1
 
-    kind = "diffusion"
-    metric = "nelbo"  # the logged loss is a bound
-    causal = False
+    def bind(self, mask_id: int) -> Family:
+        """A copy of this family for a backbone whose last id is ``mask_id``."""
+        out = copy.copy(self)
+        out.mask_id = int(mask_id)
+        return out
+
+    def replace(self, **changes) -> Family:
+        """A copy with other arguments, checked as the constructor checks them."""
+        return type(self)(**{**self.args(), **changes}).bind(self.mask_id)
+
+    def args(self) -> dict:
+        params = inspect.signature(type(self).__init__).parameters.values()
+        return {p.name: getattr(self, p.name) for p in params
+                if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+    def spec(self) -> dict:
+        """This family as a config entry (``class_path``, ``init_args``): what checkpoints hold."""
+        args = {k: v.spec() if isinstance(v, Schedule) else v for k, v in self.args().items()}
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": args}
 
     def loss(self, backbone: nn.Module, x0: Tensor, keys: Tensor, stream: int,
              valid: Tensor | None = None) -> NelboTerms:
-        """Per-sequence NELBO (float64 nats) of clean blocks ``x0``, their noise keyed by (seed, stream, keys)."""
+        """Per-sequence loss (float64 nats) of clean blocks ``x0`` whose noise (if any) is keyed by
+        (seed, ``stream``, ``keys``); ``valid`` marks the real tokens of padded blocks."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.args().items())})"
+
+
+class MaskedDiffusion(Family):
+    """Masked (absorbing-state) diffusion: SUBS parameterization, continuous time or T discrete steps.
+
+    Args:
+        schedule: the noise schedule, a ``mdlm_kit.schedules`` class with its arguments (``LogLinear`` by default;
+            ``--model.family.schedule Polynomial --model.family.schedule.power 2``).
+        num_steps: None for the continuous-time NELBO, else the number T of discrete steps.
+        estimator: ``time`` (sample t, mask tokens independently), ``count`` (t integrated out in closed
+            form; same expectation, far lower variance; time-agnostic continuous-time models only) or
+            ``auto`` (``count`` where it applies, else ``time``). See ``mdlm_kit.objective``.
+        time_conditioning: feed the noise level to the backbone (adaLN); off by default (time-agnostic).
+        seed: seed of the corruption noise (times and masks), independent of the data order.
+        masked_only: compute logits only at masked positions (the loss is exactly 0 elsewhere), through
+            the fused weighted cross-entropy; same loss and gradients, less time and memory.
+        kernel: the fused cross-entropy's row step: ``auto`` (Triton on CUDA), ``always``, ``never``.
+    """
+
+    kind = "diffusion"
+
+    def __init__(
+        self,
+        schedule: Schedule | None = None,
+        num_steps: int | None = None,
+        estimator: Literal["auto", "time", "count"] = "auto",
+        time_conditioning: bool = False,
+        seed: int = 0,
+        masked_only: bool = True,
+        kernel: Literal["auto", "always", "never"] = "auto",
+    ):
+        if num_steps is not None and num_steps < 1:
+            raise UserError(f"model.family.num_steps must be >= 1 or null (continuous time), got {num_steps}")
+        count_ok = not time_conditioning and num_steps is None
+        if estimator == "auto":
+            estimator = "count" if count_ok else "time"
+        if estimator not in ESTIMATORS:
+            raise UserError(f"model.family.estimator: unknown estimator {estimator!r}; choose auto, "
+                            f"{', '.join(ESTIMATORS)}")
+        if estimator == "count" and not count_ok:
+            raise UserError("model.family.estimator=count needs a time-agnostic model in continuous time "
+                            "(num_steps: null, time_conditioning: false)")
+        self.schedule = make_schedule(schedule)
+        self.num_steps, self.estimator, self.time_conditioning = num_steps, estimator, bool(time_conditioning)
+        self.seed, self.masked_only, self.kernel = int(seed), bool(masked_only), kernel
+
+    def loss(self, backbone: nn.Module, x0: Tensor, keys: Tensor, stream: int,
+             valid: Tensor | None = None) -> NelboTerms:
         masked_only = self.masked_only and hasattr(backbone, "head")
         return nelbo_from_keys(
             backbone.features if masked_only else backbone, x0, keys, self.schedule, self.mask_id, seed=self.seed,
@@ -55,15 +122,12 @@ class MaskedDiffusion:
         return SamplingContext(backbone, self.schedule, self.mask_id, self.time_conditioning, max_len=max_len)
 
 
-@dataclass
-class Autoregressive:
+class Autoregressive(Family):
     """Next-token prediction with causal attention; every token of a block is scored, the first from a start
     token (the mask id, which never occurs in data), so it covers the tokens the diffusion bound covers."""
 
-    mask_id: int
-
     kind = "autoregressive"
-    metric = "nll"  # the exact likelihood
+    metric = "nll"
     causal = True
 
     def loss(self, backbone: nn.Module, x0: Tensor, keys: Tensor, stream: int,
@@ -71,5 +135,21 @@ class Autoregressive:
         return autoregressive_nll(backbone, x0, start_id=self.mask_id, valid=valid)
 
 
-Family = MaskedDiffusion | Autoregressive
-FAMILIES: dict[str, type] = {cls.kind: cls for cls in (MaskedDiffusion, Autoregressive)}
+FAMILIES: dict[str, type[Family]] = {cls.kind: cls for cls in (MaskedDiffusion, Autoregressive)}
+
+
+def make_family(spec: Family | dict | str | None) -> Family:
+    """A family from an instance, a config entry (``class_path`` + ``init_args``, a checkpoint's) or a kind."""
+    if spec is None:
+        return MaskedDiffusion()
+    if isinstance(spec, Family):
+        return spec
+    if isinstance(spec, str):
+        spec = {"class_path": spec}
+    path = str(spec.get("class_path", ""))
+    name = path.rsplit(".", 1)[-1]
+    cls = FAMILIES.get(path) or next((c for c in FAMILIES.values() if name == c.__name__), None)
+    if cls is None:
+        names = ", ".join(c.__name__ for c in FAMILIES.values())
+        raise UserError(f"unknown model family {path!r}; choose one of: {names}")
+    return cls(**dict(spec.get("init_args") or {}))

@@ -8,26 +8,23 @@ import sys
 import torch
 
 from mdlm_kit.errors import UserError
-from mdlm_kit.sampling import SamplerOptions, get_sampler
+from mdlm_kit.sampling import Sampler, make_sampler
 from mdlm_kit.utils import atomic_write_text, check_writable_folder
 
 
-def generate_samples(model, tokenizer, sampler: str = "fhs", num_samples: int = 4, length: int = 128,
-                     seed: int = 0, steps: int | None = None, prompt: str | None = None,
-                     temperature: float = 1.0, top_p: float = 1.0, precision: str = "float64",
-                     tokens_per_step: int = 1, batch_size: int = 16, progress: bool = False,
-                     block_length: int | None = None, inner: str = "fhs") -> list[dict]:
-    """Samples from a ``MaskedDiffusionLM`` as dicts with ``text`` and ``tokens`` (BOS/EOS dropped from text)."""
-    sample_fn = get_sampler(sampler)
-    opts = SamplerOptions(steps=steps, temperature=temperature, top_p=top_p, precision=precision, seed=seed,
-                          tokens_per_step=tokens_per_step, block_length=block_length, inner=inner)
+def generate_samples(model, tokenizer, sampler: Sampler | str = "fhs", num_samples: int = 4, length: int = 128,
+                     seed: int = 0, prompt: str | None = None, batch_size: int = 16,
+                     progress: bool = False) -> list[dict]:
+    """Samples from a diffusion ``LanguageModel``: dicts with ``text`` and ``tokens`` (BOS/EOS dropped from text).
+
+    ``sampler`` is a ``mdlm_kit.sampling.Sampler`` (``FirstHitting(tokens_per_step=2)``) or a registered name."""
+    sampler = make_sampler(sampler)
     if num_samples < 1 or length < 1 or batch_size < 1:
         raise UserError("num_samples, length and batch_size must be >= 1")
     max_len = model.config.max_seq_len
-    if length > max_len and sampler != "semi_ar":
-        raise UserError(
-            f"--length {length} is above the model's maximum sequence length {max_len} (semi_ar generates longer text)"
-        )
+    if length > max_len and sampler.name != "semi_ar":
+        raise UserError(f"--length {length} is above the model's maximum sequence length {max_len} "
+                        "(--sampler semi_ar generates longer text)")
     given = [tokenizer.bos_id] + (tokenizer.encode(prompt) if prompt else [])
     if len(given) > length:
         raise UserError(f"the prompt is {len(given) - 1} tokens (plus BOS), longer than --length {length}")
@@ -38,18 +35,18 @@ def generate_samples(model, tokenizer, sampler: str = "fhs", num_samples: int = 
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=num_samples, desc=f"{sampler}", unit="sample", file=sys.stderr)
+        bar = tqdm(total=num_samples, desc=sampler.name, unit="sample", file=sys.stderr)
     tok_id = tokenizer.fingerprint()
     for lo in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - lo)
         template = torch.full((n, length), model.mask_id, dtype=torch.long, device=device)
         template[:, : len(given)] = torch.tensor(given, device=device)
-        tokens = sample_fn(ctx, template, torch.arange(lo, lo + n, device=device), opts)
+        tokens = sampler(ctx, template, torch.arange(lo, lo + n, device=device), seed)
         for i, row in enumerate(tokens.tolist()):
             text = tokenizer.decode(row)
-            out.append({"index": lo + i, "text": text, "tokens": row, "sampler": sampler, "seed": seed,
+            out.append({"index": lo + i, "text": text, "tokens": row, "sampler": sampler.name, "seed": seed,
                         "prompt": prompt or "", "completion": tokenizer.decode(row[len(given):]),
-                        "prompt_tokens": len(given), "tokenizer": tok_id, "precision": precision})
+                        "prompt_tokens": len(given), "tokenizer": tok_id, "precision": sampler.precision})
         if bar is not None:
             bar.update(n)
     if bar is not None:
@@ -57,38 +54,28 @@ def generate_samples(model, tokenizer, sampler: str = "fhs", num_samples: int = 
     return out
 
 
-def generate(checkpoint: str, sampler: str = "fhs", num_samples: int = 4, length: int = 128, seed: int = 0,
-             steps: int | None = None, prompt: str | None = None, output: str | None = None,
-             temperature: float = 1.0, top_p: float = 1.0, precision: str = "float64",
-             tokens_per_step: int = 1, batch_size: int = 16, block_length: int | None = None,
-             inner: str = "fhs") -> None:
+def generate(checkpoint: str, sampler: Sampler | None = None, num_samples: int = 4, length: int = 128, seed: int = 0,
+             prompt: str | None = None, output: str | None = None, batch_size: int = 16) -> None:
     """Generate samples from a checkpoint; one JSON object per sample (``text``, ``tokens``, ...).
 
     Args:
         checkpoint: a ``.ckpt`` written by ``mdlm-kit fit``, a folder written by ``mdlm-kit export``,
             or a checkpoint of the MDLM reference code.
-        sampler: ``fhs`` (first-hitting, exact, one network call per token), ``ancestral``,
-            ``ancestral_cache``, ``semi_ar`` (blocks left to right, any length) or ``confidence``
-            (MaskGIT/LLaDA-style, approximate).
+        sampler: the sampler and its options: ``fhs`` (``FirstHitting``: first-hitting, exact, one network call per
+            token; the default), ``ancestral`` (``Ancestral``), ``ancestral_cache`` (``AncestralCache``),
+            ``semi_ar`` (``SemiAutoregressive``: blocks left to right, any length) or ``confidence``
+            (``Confidence``: MaskGIT/LLaDA-style, approximate); its options follow it:
+            ``--sampler ancestral --sampler.steps 500 --sampler.temperature 0.9``.
         num_samples: how many sequences.
         length: tokens per sequence, BOS and prompt included.
         seed: noise seed; sample i depends only on (seed, i).
-        steps: time steps of the ancestral samplers (default 1000).
         prompt: text the samples continue.
         output: a ``.jsonl`` file written atomically (default: standard output).
-        temperature: softmax temperature (> 0).
-        top_p: nucleus sampling mass in (0, 1].
-        precision: Gumbel noise precision, ``float64`` (default) or ``float32`` (truncates the tail).
-        tokens_per_step: fhs only: tokens revealed per network call (> 1 is approximate).
         batch_size: sequences generated together.
-        block_length: semi_ar / confidence: tokens per block.
-        inner: semi_ar: the sampler used inside each block.
     """
     from pathlib import Path
 
-    get_sampler(sampler)  # fail on a bad name before loading anything
-    SamplerOptions(steps=steps, temperature=temperature, top_p=top_p, precision=precision,
-                   tokens_per_step=tokens_per_step, block_length=block_length, inner=inner)
+    sampler = make_sampler(sampler)
     if output is not None:
         check_writable_folder(Path(output).expanduser().parent, f"--output {output}")
     from mdlm_kit.io import load_checkpoint
@@ -96,9 +83,8 @@ def generate(checkpoint: str, sampler: str = "fhs", num_samples: int = 4, length
     model, dm = load_checkpoint(checkpoint, kind="diffusion")
     if dm.tokenizer is None:
         dm.prepare()
-    samples = generate_samples(model, dm.tokenizer, sampler, num_samples, length, seed, steps, prompt,
-                               temperature, top_p, precision, tokens_per_step, batch_size, progress=True,
-                               block_length=block_length, inner=inner)
+    samples = generate_samples(model, dm.tokenizer, sampler, num_samples, length, seed, prompt, batch_size,
+                               progress=True)
     lines = "".join(json.dumps(s) + "\n" for s in samples)
     if output is None:
         sys.stdout.write(lines)

@@ -1,4 +1,6 @@
-"""The golden losses of configs/debug.yaml: its first training losses on the embedded Shakespeare corpus, on CPU.
+"""The golden losses of configs/debug.yaml: its first training losses on the embedded Shakespeare corpus, on CPU,
+with the estimator the recipe trains with (``count``) and with the ``time`` estimator (whose weight w(t) the
+recipe's path never computes).
 
 ``make golden`` (``python tests/golden.py``) rewrites ``assets/golden_debug_losses.json`` on purpose, after a change
 meant to alter training; ``test_golden.py`` compares a fresh run with it bit for bit and never writes it.
@@ -22,22 +24,23 @@ OVERRIDES = ["--trainer.max_steps", str(STEPS), "--trainer.num_sanity_val_steps"
 # CPU results depend on how reductions are split between threads (1 and 2 threads differ at most steps): one
 # thread, so the losses depend on the build of torch and the CPU's instruction set, not its number of cores
 THREADS = 1
+ESTIMATORS = ("count", "time")
 
 
-def debug_losses(workdir: Path) -> list[float]:
+def debug_losses(workdir: Path, estimator: str = "count") -> list[float]:
     """The float64 per-token loss of each of the first STEPS training steps of the debug recipe, run in process."""
     import torch
 
     from mdlm_kit.cli import main
 
-    record = workdir / "losses.jsonl"
+    record = workdir / f"losses_{estimator}.jsonl"
     threads, argv = torch.get_num_threads(), sys.argv
     torch.set_num_threads(THREADS)
     sys.argv = ["mdlm-kit"]  # Lightning warns when the process has arguments of its own (pytest's)
     try:
-        main(["fit", "--config", str(CONFIGS / "debug.yaml"), *OVERRIDES, "--trainer.default_root_dir",
-              str(workdir / "run"), "--trainer.callbacks+=helpers.RecordLosses", "--trainer.callbacks.path",
-              str(record)])
+        main(["fit", "--config", str(CONFIGS / "debug.yaml"), *OVERRIDES, "--model.family.estimator", estimator,
+              "--trainer.default_root_dir", str(workdir / estimator), "--trainer.callbacks+=helpers.RecordLosses",
+              "--trainer.callbacks.path", str(record)])
     finally:
         torch.set_num_threads(threads)
         sys.argv = argv
@@ -50,12 +53,12 @@ def regenerate() -> None:
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
-        losses = debug_losses(Path(tmp))
+        losses = {est: debug_losses(Path(tmp), est) for est in ESTIMATORS}
     asset = {"config": "configs/debug.yaml", "overrides": OVERRIDES, "corpus": "shakespeare", "device": "cpu",
-             "threads": THREADS, "torch": torch.__version__, "loss": "float64 per-token NELBO of each step",
-             "losses": losses}
+             "threads": THREADS, "torch": torch.__version__,
+             "loss": "float64 per-token NELBO of each step, per --model.family.estimator", "losses": losses}
     ASSET.write_text(json.dumps(asset, indent=1) + "\n")
-    print(f"wrote {len(losses)} losses to {ASSET} (torch {torch.__version__})", file=sys.stderr)
+    print(f"wrote {STEPS} losses per estimator to {ASSET} (torch {torch.__version__})", file=sys.stderr)
 
 
 if __name__ == "__main__":

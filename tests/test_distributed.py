@@ -122,7 +122,7 @@ def test_ddp_skips_a_step_non_finite_in_one_process_and_saves_together_on_sigter
     """2 DDP processes: a NaN loss in process 1 only (step 3) is skipped by both (no update anywhere, no hang,
     no traceback); a SIGTERM to process 0 only (after step 3) makes both save step 3 and stop (status 143)."""
     ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.batch_size", "8"]
-    _fit(tmp_path, "skip", corpus, *ddp, "--trainer.max_steps", "5", "--model.on_nonfinite", "skip",
+    _fit(tmp_path, "skip", corpus, *ddp, "--trainer.max_steps", "5", "--on_nonfinite", "skip",
          "--trainer.callbacks+=helpers.PoisonAt", "--trainer.callbacks.step", "3", "--trainer.callbacks.rank", "1")
     rec = read_records(tmp_path / "skip.rec", world_size=2)
     assert [r["step"] for r in rec] == [1, 2, 3, 4, 5]

@@ -34,7 +34,7 @@ def trained_ar(tmp_path_factory, cache_root):
     corpus = write_corpus(root / "corpus")  # the same six-sentence corpus as ``trained``
     out = root / "run"
     proc = run_cli(
-        "fit", "--config", str(CONFIGS / "debug.yaml"), "--model", "AutoregressiveLM",
+        "fit", "--config", str(CONFIGS / "debug.yaml"), "--model.family", "Autoregressive",
         "--data.corpus", str(corpus), "--trainer.default_root_dir", str(out),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -182,7 +182,7 @@ def test_autoregressive_baseline_trains_with_the_same_cli_and_beats_the_bound(tr
     assert ar["num_tokens"] == diff["num_tokens"]  # the same blocks
     assert ar["nelbo"] < diff["nelbo"] - 3 * math.hypot(ar["stderr"], diff["stderr"])
     model, dm = load_checkpoint(trained_ar)
-    assert model.backbone.causal and type(model).__name__ == "AutoregressiveLM"
+    assert model.backbone.causal and model.kind == "autoregressive"
     x = torch.from_numpy(dm.blocks("val")[:8].astype(np.int64))
     with torch.no_grad():
         exact = autoregressive_nll(model.backbone, x, model.mask_id).per_seq.sum() / x.numel()

@@ -29,8 +29,8 @@ def few_step_ckpts(tmp_path_factory, cache_root):
     root = tmp_path_factory.mktemp("hf_train")
     corpus = write_corpus(root / "corpus")
     runs = {
-        "conditioned": ["--model.time_conditioning", "true"],
-        "autoregressive": ["--model", "AutoregressiveLM"],
+        "conditioned": ["--model.family.time_conditioning", "true"],
+        "autoregressive": ["--model.family", "Autoregressive"],
     }
 
     def fit(name):
@@ -112,7 +112,7 @@ def test_export_reproduces_the_logits_exactly(name, ckpts, exports):
         assert torch.equal(exported.backbone(ids, cond), want)
         assert not torch.equal(want, torch.zeros_like(want))  # the output layer starts at zero: trained, not blind
     assert not logs, logs
-    assert exported.hparams.time_conditioning == conditioned and exported.estimator == model.estimator
+    assert exported.family.time_conditioning == conditioned and exported.family.estimator == model.family.estimator
 
 
 def test_nothing_is_tied_and_a_missing_weight_is_reported(exports, tmp_path):
@@ -234,8 +234,8 @@ def test_genppl_scores_with_an_exported_autoregressive_model_as_with_its_checkpo
 
 
 # training settings that config.json leaves out: load_export rebuilds the model and data with their defaults
-TRAINING_ONLY = {"lr", "weight_decay", "betas", "warmup_steps", "decay_steps", "min_lr_ratio", "compile", "fused_adamw",
-                 "on_nonfinite", "unigram_bias", "masked_only", "ce_kernel", "batch_size", "eval_batch_size",
+TRAINING_ONLY = {"optimizer", "lr_scheduler", "lr", "weight_decay", "betas", "warmup_steps", "decay_steps",
+                 "min_lr_ratio", "unigram_bias", "masked_only", "kernel", "batch_size", "eval_batch_size",
                  "num_workers", "num_proc", "shuffle_seed", "shard_tokens", "shuffle_buffer"}
 
 
@@ -251,13 +251,13 @@ def test_the_export_carries_its_model_data_and_tokenizer_facts_only(ckpts, expor
     assert {k: dm2.hparams[k] for k in DATA_FACTS} == {k: dm.hparams[k] for k in DATA_FACTS}
     assert dm.hparams.batch_size == 16 and dm2.hparams.batch_size == 32  # the run's, then the default: not carried
     assert dm2.tokenizer.to_dict() == dm.tokenizer.to_dict()
-    assert exported.config == model.config and exported.hparams.schedule == model.hparams.schedule
+    assert exported.config == model.config and exported.family.schedule.spec() == model.family.schedule.spec()
     config = json.loads((exports["agnostic"] / "config.json").read_text())
     assert config["model_type"] == "mdlm_kit" and config["kind"] == "diffusion"
     assert config["auto_map"] == {"AutoConfig": "configuration_mdlm_kit.MdlmKitConfig",
                                   "AutoModelForMaskedLM": "modeling_mdlm_kit.MdlmKitForMaskedLM"}
     assert config["dit_config"] == json.loads(json.dumps(model.config.to_dict()))
-    assert config["schedule"] == model.hparams.schedule and config["num_steps"] is None
+    assert config["schedule"] == model.family.schedule.spec() and config["num_steps"] is None
     assert config["mask_token_id"] == model.mask_id == config["vocab_size"] - 1
     assert set(config["data"]) == set(DATA_FACTS) and config["data"]["seq_len"] == dm.hparams.seq_len
     config.pop("tokenizer_spec")
@@ -523,7 +523,7 @@ def test_validate_and_fine_tuning_start_from_an_export(trained, exports, tmp_pat
     folder = tmp_path / "export"
     shutil.copytree(exports["agnostic"], folder)
     code, _, err = _cli(capsys, "fit", *base, "--trainer.default_root_dir", str(tmp_path / "c"), "--trainer.max_steps",
-                        "1", "--model.lr", "1e-9", "--checkpoint", str(folder))
+                        "1", "--model.optimizer.lr", "1e-9", "--checkpoint", str(folder))
     assert code == 0, err[-2000:]
     tuned = torch.load(tmp_path / "c" / "checkpoints" / "last.ckpt", weights_only=False)["current_model_state"]
     source, _ = hf.load_export(folder)
@@ -532,6 +532,6 @@ def test_validate_and_fine_tuning_start_from_an_export(trained, exports, tmp_pat
     # resuming the fine-tuning run needs its checkpoint, not the export it started from
     shutil.rmtree(folder)
     code, _, err = _cli(capsys, "fit", *base, "--trainer.default_root_dir", str(tmp_path / "c"), "--trainer.max_steps",
-                        "2", "--model.lr", "1e-9", "--checkpoint", str(folder), "--ckpt_path", "last")
+                        "2", "--model.optimizer.lr", "1e-9", "--checkpoint", str(folder), "--ckpt_path", "last")
     assert code == 0, err[-2000:]
     assert torch.load(tmp_path / "c" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2

@@ -339,7 +339,7 @@ def test_lightning_checkpoint_uses_the_ema_weights_and_reads_the_config_without_
     assert not model.training and model.config.layout == "mdlm"
     # n_heads 4 from the pickled config (without inv_freq, width // 64 would give 1), length 16
     assert (model.config.n_heads, model.config.max_seq_len, model.config.time_conditioning) == (4, 16, False)
-    assert model.schedule.eps == 1e-3 and model.mask_id == 100 and model.config.dropout == 0.1
+    assert model.family.schedule.eps == 1e-3 and model.mask_id == 100 and model.config.dropout == 0.1
     logits = model(fx["xt"], None)
     expected = reference_dit(files["ema"], fx["xt"], fx["sigma_input"], 4)
     assert (logits - expected).abs().max() <= tol(expected)  # the EMA weights ...
@@ -367,7 +367,7 @@ def test_time_conditioning_comes_from_the_config(fx, files, tmp_path):
     cfg = json.loads((files["hf"] / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(cfg | {"time_conditioning": True}))
     model, _ = load_mdlm_checkpoint(folder, tokenizer=char_tokenizer(100))
-    assert model.config.time_conditioning and model.estimator == "time"
+    assert model.config.time_conditioning and model.family.estimator == "time"
     rate = torch.tensor([0.1, 0.5, 0.9, 0.95])
     with torch.no_grad():
         expected = reference_dit(fx["state_dict"], fx["xt"], -torch.log1p(-rate), 4)

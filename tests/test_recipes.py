@@ -315,7 +315,8 @@ def test_data_prepare_bad_input_is_one_line(args, match, tmp_path):
 
 def test_padded_batches_train_and_validate(bert_dir, tmp_path):
     """A training step on padded blocks: the loss covers the real tokens only (validation counts them)."""
-    from mdlm_kit.lightning import MaskedDiffusionLM
+    from mdlm_kit.lightning import LanguageModel
+    from mdlm_kit.models import Backbone
 
     path = tmp_path / "lm1b"
     texts = ["the cat sat on the mat .", "he said , the dog ran home .", "it ' s a cat ?"] * 4
@@ -324,7 +325,7 @@ def test_padded_batches_train_and_validate(bert_dir, tmp_path):
     dm = TextDataModule(corpus="lm1b", path=str(path), tokenizer=str(bert_dir), packing="pad", seq_len=16,
                         batch_size=4)
     dm.prepare()
-    model = MaskedDiffusionLM(vocab_size=dm.model_vocab_size, size="debug", max_seq_len=16)
+    model = LanguageModel(vocab_size=dm.model_vocab_size, backbone=Backbone("debug", max_seq_len=16))
     batch = next(iter(dm.val_dataloader()))
     terms = model.loss_terms(batch["input_ids"], batch["index"], 1, batch["valid"])
     np.testing.assert_array_equal(terms.num_tokens.numpy(), batch["valid"].sum(1).numpy())
@@ -335,8 +336,9 @@ def test_padded_batches_train_and_validate(bert_dir, tmp_path):
 
 CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
        "--trainer.precision", "32-true", "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
-       "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--model.size", "debug",
-       "--model.dropout", "0.0", "--data.batch_size", "2", "--data.eval_batch_size", "4", "--data.num_workers", "0"]
+       "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--model.backbone.size", "debug",
+       "--model.backbone.dropout", "0.0", "--data.batch_size", "2", "--data.eval_batch_size", "4",
+       "--data.num_workers", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -364,7 +366,7 @@ def test_recipe_config_trains_and_evaluates_on_a_local_sample(tmp_path, samples,
     path, extra = samples[recipe]
     out = tmp_path / recipe
     proc = run_cli("fit", "--config", str(CONFIGS / f"{config}.yaml"), *CPU, "--data.path", str(path),
-                   "--data.seq_len", str(seq_len), "--model.max_seq_len", str(seq_len),
+                   "--data.seq_len", str(seq_len), "--model.backbone.max_seq_len", str(seq_len),
                    "--trainer.default_root_dir", str(out), *extra, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = out / "checkpoints" / "last.ckpt"
@@ -392,7 +394,7 @@ def test_zero_shot_sets_with_and_without_eos_between_sequences(tmp_path, samples
     path, extra = samples["openwebtext"]
     out = tmp_path / "owt"
     proc = run_cli("fit", "--config", str(CONFIGS / "owt_mdlm_small.yaml"), *CPU, "--data.path", str(path),
-                   "--data.seq_len", "32", "--model.max_seq_len", "32", "--trainer.default_root_dir", str(out),
+                   "--data.seq_len", "32", "--model.backbone.max_seq_len", "32", "--trainer.default_root_dir", str(out),
                    *extra, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = str(out / "checkpoints" / "last.ckpt")
@@ -484,7 +486,7 @@ def test_streaming_recipe_trains_end_to_end(tmp_path, samples):
     path, extra = samples["openwebtext"]
     out = tmp_path / "stream"
     proc = run_cli("fit", "--config", str(CONFIGS / "owt_mdlm_small.yaml"), *CPU, "--data.path", str(path),
-                   "--data.seq_len", "32", "--model.max_seq_len", "32", "--data.streaming", "true",
+                   "--data.seq_len", "32", "--model.backbone.max_seq_len", "32", "--data.streaming", "true",
                    "--data.shuffle_buffer", "8", "--trainer.max_steps", "5", "--trainer.default_root_dir", str(out),
                    *extra, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -555,7 +557,7 @@ def test_ddp_on_padded_blocks_matches_one_process(tmp_path, samples):
 
     path, extra = samples["lm1b"]
     common = ["fit", "--config", str(CONFIGS / "lm1b_mdlm.yaml"), *CPU, "--data.path", str(path),
-              "--data.seq_len", "16", "--model.max_seq_len", "16", "--trainer.max_steps", "4",
+              "--data.seq_len", "16", "--model.backbone.max_seq_len", "16", "--trainer.max_steps", "4",
               "--trainer.log_every_n_steps", "1", "--trainer.callbacks+=helpers.RecordBatches", *extra]
     env = {"PYTHONPATH": str(ROOT / "tests")}
     for name, more in (("one", ["--data.batch_size", "4"]),

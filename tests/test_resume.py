@@ -30,9 +30,13 @@ trainer:
     - class_path: helpers.RecordBatches
       init_args: {{path: {rec}}}
 model:
-  dropout: 0.1
-  warmup_steps: 5
-  decay_steps: 25
+  backbone:
+    dropout: 0.1
+  lr_scheduler:
+    class_path: mdlm_kit.lightning.WarmupCosine
+    init_args:
+      warmup_steps: 5
+      decay_steps: 25
 data:
   batch_size: 64
 """
@@ -208,7 +212,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     msg = lines[-1]
     assert msg.startswith("mdlm-kit: error: non-finite training loss (nan) at step 12"), msg
     ckpts = tmp_path / "run" / "checkpoints"
-    assert f"{ckpts / 'last.ckpt'} (step 10)" in msg and "model.on_nonfinite: skip" in msg
+    assert f"{ckpts / 'last.ckpt'} (step 10)" in msg and "--on_nonfinite skip" in msg
     assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["epoch=1-step=10.ckpt", "last.ckpt"]
     assert _step(ckpts / "last.ckpt") == 10
     state = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
@@ -217,7 +221,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 
 @pytest.mark.parametrize("where", ["loss", "grad"])
 def test_on_nonfinite_skip_skips_the_step_and_trains_on(tmp_path, corpus, full, where):
-    proc = _fit(tmp_path, "run", corpus, "--model.on_nonfinite", "skip", "--trainer.callbacks+=helpers.PoisonAt",
+    proc = _fit(tmp_path, "run", corpus, "--on_nonfinite", "skip", "--trainer.callbacks+=helpers.PoisonAt",
                 "--trainer.callbacks.step", "12", "--trainer.callbacks.where", where, end=15)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"non-finite (training loss \(nan\)|gradient) at step 12: step skipped", proc.stderr)
@@ -239,9 +243,10 @@ def test_a_sharded_checkpoint_folder_is_left_to_lightning(tmp_path):
     check must not call it missing; a folder without that is still refused."""
     from mdlm_kit.errors import UserError
     from mdlm_kit.io.ckpt import check_resume
-    from mdlm_kit.lightning import MaskedDiffusionLM
+    from mdlm_kit.lightning import LanguageModel
+    from mdlm_kit.models import Backbone
 
-    model = MaskedDiffusionLM(vocab_size=11, size="debug")
+    model = LanguageModel(vocab_size=11, backbone=Backbone("debug"))
     (tmp_path / "last.ckpt").mkdir()
     (tmp_path / "last.ckpt" / ".metadata").write_bytes(b"")
     check_resume(tmp_path / "last.ckpt", model)

@@ -23,7 +23,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", kind: str | Non
     """(model in eval mode, TextDataModule with the checkpoint's tokenizer) from a ``.ckpt`` file, a folder
     written by ``mdlm-kit export``, or a checkpoint of the MDLM reference code.
 
-    The model is a ``MaskedDiffusionLM`` or an ``AutoregressiveLM``, whichever wrote the checkpoint;
+    The model is a ``LanguageModel`` of the family that wrote the checkpoint;
     ``kind`` (``diffusion`` or ``autoregressive``) makes any other kind an error.
     """
     path = Path(path)

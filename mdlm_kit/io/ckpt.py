@@ -10,6 +10,7 @@ import torch
 
 from mdlm_kit.callbacks import RUN_KEY
 from mdlm_kit.errors import UserError
+from mdlm_kit.schedules import make_schedule
 
 
 def known_kwargs(cls, kwargs: dict) -> dict:
@@ -50,15 +51,61 @@ def is_export(path: str | Path) -> bool:
         return False
 
 
-def _model_class(ckpt: dict):
-    """The LightningModule class that wrote ``ckpt``: recorded by the model, else by the CLI's class path."""
-    from mdlm_kit.lightning import MODELS, MaskedDiffusionLM
+BACKBONE_KEYS = ("size", "n_layers", "d_model", "n_heads", "cond_dim", "max_seq_len", "dropout", "conv_kernel",
+                 "layout")
+DIFFUSION_KEYS = ("num_steps", "estimator", "time_conditioning", "seed", "masked_only")
 
-    kind = ckpt.get("mdlm_kit_model")
+
+def model_hparams(hparams: dict, kind: str | None = None) -> dict:
+    """``LanguageModel``'s arguments from a checkpoint's ``hyper_parameters``: this version's as they are, or the
+    flat settings of the two classes before it (``MaskedDiffusionLM``, ``AutoregressiveLM``: ``kind`` or their
+    class path says which) as backbone, family, optimizer and learning-rate schedule. Settings no version of
+    ``LanguageModel`` knows are dropped."""
+    from mdlm_kit.lightning import LanguageModel
+
+    h = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    if "family" in h or "backbone" in h:
+        return known_kwargs(LanguageModel, h)
     if kind is None:
-        class_path = str(ckpt["hyper_parameters"].get("_class_path", ""))
-        kind = next((k for k, cls in MODELS.items() if class_path.endswith("." + cls.__name__)), None)
-    return MODELS.get(kind, MaskedDiffusionLM)
+        kind = "autoregressive" if str(hparams.get("_class_path", "")).endswith("AutoregressiveLM") else "diffusion"
+    if kind == "autoregressive":
+        family = {"class_path": "mdlm_kit.families.Autoregressive"}
+    else:
+        args = {k: h[k] for k in DIFFUSION_KEYS if k in h}
+        if "ce_kernel" in h:
+            args["kernel"] = h["ce_kernel"]
+        schedule = h.get("schedule")
+        if isinstance(schedule, str) or h.get("schedule_kwargs"):  # before schedules were class_path objects
+            schedule = make_schedule(schedule, **dict(h.get("schedule_kwargs") or {})).spec()
+        family = {"class_path": "mdlm_kit.families.MaskedDiffusion", "init_args": {**args, "schedule": schedule}}
+    return {
+        "vocab_size": h.get("vocab_size", 0),
+        "backbone": {k: h[k] for k in BACKBONE_KEYS if k in h},
+        "family": family,
+        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {
+            "lr": h.get("lr", 3e-4), "weight_decay": h.get("weight_decay", 0.0),
+            "betas": list(h.get("betas", (0.9, 0.999)))}},
+        "lr_scheduler": {"class_path": "mdlm_kit.lightning.WarmupCosine", "init_args": {
+            "warmup_steps": h.get("warmup_steps", 2500), "decay_steps": h.get("decay_steps"),
+            "min_lr_ratio": h.get("min_lr_ratio", 0.1)}},
+        "unigram_bias": h.get("unigram_bias", False),
+    }
+
+
+def build_model(ckpt: dict):
+    """The ``LanguageModel`` a checkpoint describes (without its optimizer: for evaluation and fine-tuning)."""
+    from mdlm_kit.lightning import LanguageModel
+
+    h = model_hparams(ckpt["hyper_parameters"], ckpt.get("mdlm_kit_model"))
+    return LanguageModel(h["vocab_size"], h.get("backbone") or {}, h.get("family"),
+                         unigram_bias=h.get("unigram_bias", False))
+
+
+def check_kind(path, found: str, wanted: str | None) -> None:
+    """A UserError when a command that needs a ``wanted`` model is given a ``found`` one."""
+    if wanted is not None and found != wanted:
+        need = {"diffusion": "a masked diffusion model", "autoregressive": "an autoregressive model"}[wanted]
+        raise UserError(f"{path} holds a {found} model; this command needs {need}")
 
 
 def resolve_last(dirpaths: list[str]) -> Path | None:
@@ -112,7 +159,7 @@ def check_resume(path: str | Path, model, training: bool = True) -> None:
     kind = ckpt.get("mdlm_kit_model")
     if kind is not None and kind != getattr(model, "kind", kind):
         raise UserError(f"--ckpt_path {path} holds a {kind} model; this run trains a {model.kind} model "
-                        "(set model.class_path as in the run that wrote it)")
+                        "(set model.family as in the run that wrote it)")
     ours = model.state_dict()
     theirs = ckpt["state_dict"]
     embed = "backbone.embed.weight"
@@ -141,11 +188,8 @@ def load_ckpt(path: Path, map_location: str = "cpu", kind: str | None = None):
         raise UserError(f"{path} is not an mdlm-kit checkpoint (no state_dict/hyper_parameters)")
     from mdlm_kit.data import TextDataModule
 
-    cls = _model_class(ckpt)
-    if kind is not None and cls.kind != kind:
-        need = {"diffusion": "a masked diffusion model", "autoregressive": "an autoregressive model"}[kind]
-        raise UserError(f"{path} holds the {cls.kind} model {cls.__name__}; this command needs {need}")
-    model = cls(**known_kwargs(cls, ckpt["hyper_parameters"]))
+    model = build_model(ckpt)
+    check_kind(path, model.kind, kind)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

@@ -118,8 +118,9 @@ def build_hf_model(model, dm):
     if dm.tokenizer is None:
         raise UserError("the checkpoint holds no tokenizer; it was not written by mdlm-kit fit")
     auto, cls = AUTO_CLASSES[model.kind]
-    facts = {"dit_config": model.config.to_dict(), "schedule": model.hparams.get("schedule"),
-             "num_steps": model.hparams.get("num_steps"), "tokenizer_spec": dm.tokenizer.to_dict(),
+    diffusion = model.kind == "diffusion"
+    facts = {"dit_config": model.config.to_dict(), "schedule": model.family.schedule.spec() if diffusion else None,
+             "num_steps": model.family.num_steps if diffusion else None, "tokenizer_spec": dm.tokenizer.to_dict(),
              "data": {k: dm.hparams[k] for k in DATA_FACTS}}
     try:  # as it will read back from config.json (tuples become lists), and a clear error for what JSON cannot hold
         facts = json.loads(json.dumps(facts))

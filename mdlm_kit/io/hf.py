@@ -17,7 +17,7 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from mdlm_kit.errors import UserError
-from mdlm_kit.io.ckpt import known_kwargs
+from mdlm_kit.io.ckpt import check_kind, known_kwargs
 from mdlm_kit.io.configuration_mdlm_kit import MdlmKitConfig
 from mdlm_kit.io.modeling_mdlm_kit import MdlmKitForCausalLM, MdlmKitForMaskedLM
 
@@ -55,13 +55,14 @@ def _read_weights(folder: Path, device: str) -> dict[str, Tensor]:
 def load_export(path: str | Path, map_location: str = "cpu", kind: str | None = None):
     """(model in eval mode, TextDataModule with the export's tokenizer) from a folder written by ``export``.
 
-    The same contract as ``mdlm_kit.io.load_checkpoint``: a ``MaskedDiffusionLM`` or an ``AutoregressiveLM`` built
-    from config.json's DiT, schedule and ``num_steps`` (constructor defaults for the training settings), with the
+    The same contract as ``mdlm_kit.io.load_checkpoint``: a ``LanguageModel`` built from config.json's DiT, kind,
+    schedule and ``num_steps`` (constructor defaults for the training settings), with the
     weights of the safetensors file(s); ``kind`` (``diffusion`` or ``autoregressive``) makes any other kind an error.
     """
     from mdlm_kit.data import TextDataModule
-    from mdlm_kit.lightning import MODELS
-    from mdlm_kit.models import SIZES
+    from mdlm_kit.families import FAMILIES, MaskedDiffusion
+    from mdlm_kit.lightning import LanguageModel
+    from mdlm_kit.models import Backbone, DiTConfig
 
     path = Path(path)
     cfg_file = path / "config.json"
@@ -74,17 +75,14 @@ def load_export(path: str | Path, map_location: str = "cpu", kind: str | None = 
     if not isinstance(cfg, dict) or cfg.get("model_type") != MdlmKitConfig.model_type:
         found = cfg.get("model_type") if isinstance(cfg, dict) else None
         raise UserError(f"{path} is a folder but not an mdlm-kit export (config.json has model_type {found!r})")
-    cls, dit = MODELS.get(cfg.get("kind", "diffusion")), cfg.get("dit_config")
-    if cls is None or not isinstance(dit, dict) or not isinstance(cfg.get("data"), dict):
+    family, dit = FAMILIES.get(cfg.get("kind", "diffusion")), cfg.get("dit_config")
+    if family is None or not isinstance(dit, dict) or not isinstance(cfg.get("data"), dict):
         raise UserError(f"{cfg_file}: no model kind, dit_config and data that mdlm-kit knows; re-export the checkpoint")
-    if kind is not None and cls.kind != kind:
-        need = {"diffusion": "a masked diffusion model", "autoregressive": "an autoregressive model"}[kind]
-        raise UserError(f"{path} holds the {cls.kind} model {cls.__name__}; this command needs {need}")
-    # AutoregressiveLM takes no cond_dim (a causal DiT has no time embedding) but its config holds the named size's,
-    # which fine-tuning from the export compares with the run's: the size with the recorded cond_dim
-    size = next((name for name, s in SIZES.items() if s["cond_dim"] == dit.get("cond_dim")), "tiny")
-    facts = {**dit, "size": size, "schedule": cfg.get("schedule"), "num_steps": cfg.get("num_steps")}
-    model = cls(**known_kwargs(cls, facts))
+    check_kind(path, family.kind, kind)
+    family = (MaskedDiffusion(cfg.get("schedule"), cfg.get("num_steps"), time_conditioning=bool(dit.get(
+        "time_conditioning"))) if family is MaskedDiffusion else family())
+    config = DiTConfig(**{k: v for k, v in dit.items() if k in DiTConfig.__dataclass_fields__})
+    model = LanguageModel(config.vocab_size, Backbone.of(config), family)
     state = _read_weights(path, map_location)
     prefix = "backbone."
     if any(not k.startswith(prefix) for k in state):

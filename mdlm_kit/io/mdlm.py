@@ -409,7 +409,7 @@ def _data_module(vocab_size: int, tokenizer, settings: dict, seq_len: int):
 
 def load_mdlm_checkpoint(path: str | Path, tokenizer=None, n_heads: int | None = None, use_ema: bool = True,
                          map_location: str = "cpu"):
-    """(``MaskedDiffusionLM`` in eval mode, ``TextDataModule``) from an MDLM checkpoint.
+    """(``LanguageModel`` in eval mode, ``TextDataModule``) from an MDLM checkpoint.
 
     Args:
         path: an MDLM Lightning ``.ckpt``, a state dict file (or a dict with ``state_dict``), a ``.safetensors``
@@ -422,7 +422,9 @@ def load_mdlm_checkpoint(path: str | Path, tokenizer=None, n_heads: int | None =
         use_ema: use the EMA weights of a Lightning checkpoint when it has them (MDLM evaluates with them).
         map_location: where tensors are loaded.
     """
-    from mdlm_kit.lightning import MaskedDiffusionLM
+    from mdlm_kit.families import MaskedDiffusion
+    from mdlm_kit.lightning import LanguageModel
+    from mdlm_kit.models import Backbone
 
     path = Path(path)
     ref, settings, used_ema = _read(path, map_location, use_ema)
@@ -439,18 +441,19 @@ def load_mdlm_checkpoint(path: str | Path, tokenizer=None, n_heads: int | None =
         if settings[key] is not None and int(settings[key]) != cfg[key]:
             raise UserError(f"{path}: the config gives {what} {settings[key]} but the weights have {cfg[key]}")
     if cfg["mlp_ratio"] != 4:
-        raise UserError(f"{path}: MLP width {cfg['mlp_ratio']}x the model width; MaskedDiffusionLM builds 4x (MDLM's)")
+        raise UserError(f"{path}: MLP width {cfg['mlp_ratio']}x the model width; the toolkit's DiT builds 4x (MDLM's)")
     seq_len = int(settings["length"] or 1024)
     eps = float(settings["eps"]) if settings["eps"] is not None else 1e-3
     # MDLM's default (and its OpenWebText model) is time-agnostic. The conditioning is sigma = -log(alpha_t)
     # whatever MDLM's noise type was, so the loglinear schedule serves any checkpoint
     time_conditioning = bool(settings["time_conditioning"] or False)
-    model = MaskedDiffusionLM(
-        vocab_size=cfg["vocab_size"], size="small", n_layers=cfg["n_layers"], d_model=cfg["d_model"],
-        n_heads=cfg["n_heads"], cond_dim=cfg["cond_dim"], max_seq_len=seq_len, layout="mdlm",
+    backbone = Backbone(
+        size="small", n_layers=cfg["n_layers"], d_model=cfg["d_model"], n_heads=cfg["n_heads"],
+        cond_dim=cfg["cond_dim"], max_seq_len=seq_len, layout="mdlm",
         dropout=float(settings["dropout"] or 0.0),  # MDLM's training dropout, for fine-tuning (eval mode ignores it)
-        time_conditioning=time_conditioning, schedule=LogLinear(eps),
     )
+    family = MaskedDiffusion(LogLinear(eps), time_conditioning=time_conditioning)
+    model = LanguageModel(cfg["vocab_size"], backbone, family)
     model.backbone.load_state_dict(sd)
     model.eval()
     model.imported_weights = "ema" if used_ema else "raw"  # what `mdlm-kit export` reports

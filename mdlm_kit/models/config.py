@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 # Named sizes. `small` and `medium` are MDLM's (Sahoo et al. 2024, table 9).
 SIZES: dict[str, dict] = {
@@ -72,3 +73,41 @@ class DiTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A DiT's shape as a config names it: a named size (``SIZES``), any of its fields overridden.
+
+    Args:
+        size: ``debug``, ``tiny``, ``small`` (MDLM's 12 x 768) or ``medium``.
+        n_layers, d_model, n_heads, cond_dim, max_seq_len: override the named size (None: the size's).
+        dropout: dropout in the blocks.
+        conv_kernel: width of the depthwise convolution over positions in every block (0: none; kit layout;
+            causal models look back only). Lets a masked position see its neighbours from the first step, which
+            takes the model off the unigram plateau early (BENCHMARKS.md); the quickstart's recipe uses 3.
+        layout: ``kit`` (this toolkit's blocks) or ``mdlm`` (the MDLM reference DiT's layout, for its checkpoints).
+    """
+
+    size: Literal["debug", "tiny", "small", "medium"] = "tiny"
+    n_layers: int | None = None
+    d_model: int | None = None
+    n_heads: int | None = None
+    cond_dim: int | None = None
+    max_seq_len: int | None = None
+    dropout: float = 0.0
+    conv_kernel: int = 0
+    layout: Literal["kit", "mdlm"] = "kit"
+
+    def config(self, vocab_size: int, time_conditioning: bool = False) -> DiTConfig:
+        fields = {k: v for k, v in asdict(self).items() if k != "size"}
+        return DiTConfig.from_name(self.size, vocab_size, time_conditioning=time_conditioning, **fields)
+
+    @classmethod
+    def of(cls, config: DiTConfig) -> Backbone:
+        """The shape of ``config`` (every size field explicit)."""
+        size = next((name for name, s in SIZES.items() if all(getattr(config, k) == v for k, v in s.items())),
+                    "tiny")
+        return cls(size=size, n_layers=config.n_layers, d_model=config.d_model, n_heads=config.n_heads,
+                   cond_dim=config.cond_dim, max_seq_len=config.max_seq_len, dropout=config.dropout,
+                   conv_kernel=config.conv_kernel, layout=config.layout)

@@ -1,4 +1,5 @@
-"""Samplers: one module per sampler, one registry, resolved once by name.
+"""Samplers: one module per sampler, one registry, resolved once by name; ``samplers`` holds them as typed
+objects with their own options (what ``generate --sampler`` takes).
 
 Every sampler has the signature ``sampler(ctx, template, sample_keys, opts, progress=None) -> tokens``:
 ``template`` (B, L) holds given tokens and the mask id where tokens are to be generated (a
@@ -12,5 +13,15 @@ from __future__ import annotations
 from mdlm_kit.sampling import ancestral, confidence, fhs, semi_ar  # noqa: F401  (each registers its samplers)
 from mdlm_kit.sampling.base import SAMPLERS, SamplerOptions, SamplingContext, get_sampler
 from mdlm_kit.sampling.categorical import sample_categorical
+from mdlm_kit.sampling.samplers import (
+    Ancestral,
+    AncestralCache,
+    Confidence,
+    FirstHitting,
+    Sampler,
+    SemiAutoregressive,
+    make_sampler,
+)
 
-__all__ = ["SAMPLERS", "SamplerOptions", "SamplingContext", "get_sampler", "sample_categorical"]
+__all__ = ["SAMPLERS", "Ancestral", "AncestralCache", "Confidence", "FirstHitting", "Sampler", "SamplerOptions",
+           "SamplingContext", "SemiAutoregressive", "get_sampler", "make_sampler", "sample_categorical"]
