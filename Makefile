@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 # The CPU build of torch; on a CUDA machine set TORCH_SPEC to the build you want.
 TORCH_SPEC ?= torch==2.13.0
 RUN_DIR ?= runs/quickstart
+# test processes (pytest-xdist): the tests run one thread each, so one process per core (17.8 -> 10.4 min on 2 cores)
+TEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed
 
 .PHONY: install quickstart test golden lint clean
@@ -26,7 +28,7 @@ quickstart: $(STAMP)
 	$(BIN)/mdlm-kit report --checkpoint $(RUN_DIR)/checkpoints/last.ckpt --num_samples 3 --sample_length 96
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # after a change meant to alter training (objective, schedule, model, data order, optimizer): review the diff
 golden: $(STAMP)

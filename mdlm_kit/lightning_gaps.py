@@ -10,6 +10,11 @@ Lightning release that renames one breaks this file only.
 2. ``Trainer._accelerator_connector.use_distributed_sampler``: the Trainer keeps its
    ``use_distributed_sampler`` argument nowhere public; the data module, which shards batches itself, must refuse
    to run under Lightning's sampler.
+
+One gap needs no private name, only a method: ``ModelParallelStrategy.setup`` refuses a LightningModule that does
+not override ``configure_model``, where Lightning expects the parallelization. The sharding is the
+``callbacks.FSDP2Sharding`` callback's (its ``setup`` runs before that hook), so ``LanguageModel.configure_model``
+only refuses a device mesh the callback has not sharded.
 """
 
 from __future__ import annotations
