@@ -16,6 +16,7 @@ import time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -26,8 +27,10 @@ from mdlm_kit.eval.sources import Source, make_source
 from mdlm_kit.objective import Estimator
 from mdlm_kit.utils import atomic_write_text
 
+Size = Literal["debug", "tiny", "small", "medium"]  # mdlm_kit.models.SIZES
 
-def train_on_source(corpus: Path, source: Source, steps: int, size: str = "debug", seq_len: int = 64,
+
+def train_on_source(corpus: Path, source: Source, steps: int, size: Size = "debug", seq_len: int = 64,
                     batch_size: int = 32, lr: float = 3e-3, schedule: str = "loglinear", num_docs: int = 400,
                     blocks_per_doc: int = 8, seed: int = 0, progress: bool = False):
     """Write the source's corpus to ``corpus`` and train a model on it: (model, datamodule, source)."""
@@ -74,7 +77,7 @@ def compare_with_truth(model, dm, src, eval_blocks: int = 512, estimator: Estima
             "estimator": estimator, "num_t_samples": num_t_samples}
 
 
-def likelihood_check(source: Source = "markov", steps: int = 1500, size: str = "debug", seq_len: int = 64,
+def likelihood_check(source: Source = "markov", steps: int = 1500, size: Size = "debug", seq_len: int = 64,
                      batch_size: int = 32, lr: float = 3e-3, schedule: str = "loglinear",
                      estimator: Estimator = "count", num_t_samples: int = 4, num_docs: int = 400,
                      blocks_per_doc: int = 8, eval_blocks: int = 512, seed: int = 0, out: str | None = None,

@@ -296,7 +296,7 @@ def test_data_prepare_reports_tokens_shards_and_throughput(tmp_path, monkeypatch
         (["--config", "no/such.yaml"], "no such file"),
         (["--data.corpus", "/no/such/corpus"], "no such file or folder"),
         (["--data.corpus", "openwebtext", "--data.path", "/no/copy"], "no such file or folder: /no/copy"),
-        (["--data.packing", "zip"], "unknown packing"),
+        (["--data.packing", "zip"], "data.packing: Expected a typing.Literal['stream', 'wrap', 'concat', 'pad']"),
         (["--data.corpus", "lm1b", "--data.path", "{tmp}"], "could not read it as a copy of lm1b"),
         (["--data.corpus", "text8", "--data.path", "{tmp}/bad.zip"], "has no member 'text8'"),
         (["--data.corpus", "text8"], "could not load"),

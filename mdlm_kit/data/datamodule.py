@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -180,8 +181,9 @@ class TextDataModule(L.LightningDataModule):
 
     def __init__(self, corpus: str = "shakespeare", path: str | None = None, tokenizer: str = "bpe",
                  bpe_vocab_size: int = 2048, seq_len: int = 256, batch_size: int = 32,
-                 eval_batch_size: int | None = None, packing: str = "stream", insert_eos: bool = True,
-                 val_fraction: float = 0.05, val_docs: int | None = None, text_key: str | None = None,
+                 eval_batch_size: int | None = None, packing: Literal["stream", "wrap", "concat", "pad"] = "stream",
+                 insert_eos: bool = True, val_fraction: float = 0.05, val_docs: int | None = None,
+                 text_key: str | None = None,
                  num_workers: int = 0, num_proc: int | None = None, shuffle_seed: int | None = None,
                  shard_tokens: int = SHARD_TOKENS, streaming: bool = False, shuffle_buffer: int = 10_000):
         super().__init__()
