@@ -273,10 +273,10 @@ def _generate(argv: list[str]) -> None:
     from jsonargparse import CLI
 
     from mdlm_kit.generate import generate
-    from mdlm_kit.sampling import make_sampler
+    from mdlm_kit.sampling import sampler_class
 
     def alias(name: str) -> str:  # a registered name (fhs) is its class; an unknown one is one line listing them
-        return name if name.startswith(("{", "[")) or "." in name else type(make_sampler(name)).__name__
+        return name if name.startswith(("{", "[")) or "." in name else sampler_class(name).__name__
 
     argv = list(argv)
     for i, arg in enumerate(argv):

@@ -12,7 +12,6 @@ family is a ``class_path`` object (``model.family: MaskedDiffusion``, ``--model.
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import Literal
 
 from torch import Tensor, nn
@@ -21,6 +20,7 @@ from mdlm_kit.errors import UserError
 from mdlm_kit.objective import ESTIMATORS, NelboTerms, autoregressive_nll, nelbo_from_keys
 from mdlm_kit.sampling import SamplingContext
 from mdlm_kit.schedules import Schedule, make_schedule
+from mdlm_kit.specs import init_args, spec
 
 
 class Family:
@@ -46,14 +46,11 @@ class Family:
         return type(self)(**{**self.args(), **changes}).bind(self.mask_id)
 
     def args(self) -> dict:
-        params = inspect.signature(type(self).__init__).parameters.values()
-        return {p.name: getattr(self, p.name) for p in params
-                if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return init_args(self)
 
     def spec(self) -> dict:
         """This family as a config entry (``class_path``, ``init_args``): what checkpoints hold."""
-        args = {k: v.spec() if isinstance(v, Schedule) else v for k, v in self.args().items()}
-        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": args}
+        return spec(self, **{k: v.spec() for k, v in self.args().items() if isinstance(v, Schedule)})
 
     def loss(self, backbone: nn.Module, x0: Tensor, keys: Tensor, stream: int,
              valid: Tensor | None = None) -> NelboTerms:

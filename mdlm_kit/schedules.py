@@ -19,7 +19,6 @@ that with an exact endpoint term instead of dropping it.
 
 from __future__ import annotations
 
-import inspect
 import math
 from abc import ABC, abstractmethod
 
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor
 
 from mdlm_kit.errors import UserError
+from mdlm_kit.specs import spec
 
 __all__ = [
     "Schedule",
@@ -62,9 +62,7 @@ class Schedule(ABC):
 
     def spec(self) -> dict:
         """This schedule as a config entry (``class_path``, ``init_args``): what configs and checkpoints hold."""
-        params = inspect.signature(type(self).__init__).parameters.values()
-        args = {p.name: getattr(self, p.name) for p in params if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
-        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": args}
+        return spec(self)
 
     def weight(self, t: Tensor) -> Tensor:
         """-alpha'(t) / (1 - alpha(t)): the continuous-time NELBO weight of a masked token."""

@@ -17,8 +17,8 @@ PACKAGE_DIRS = {"mdlm_kit": ROOT / "mdlm_kit", "mdlm_kit.kernels": ROOT / "kerne
 
 # lowest first; a module may import its own layer and the layers below it, never one above
 LAYERS = [
-    ("core", ["mdlm_kit", "mdlm_kit.errors", "mdlm_kit.rng", "mdlm_kit.schedules", "mdlm_kit.objective",
-              "mdlm_kit.families", "mdlm_kit.models", "mdlm_kit.sampling", "mdlm_kit.kernels"]),
+    ("core", ["mdlm_kit", "mdlm_kit.errors", "mdlm_kit.specs", "mdlm_kit.rng", "mdlm_kit.schedules",
+              "mdlm_kit.objective", "mdlm_kit.families", "mdlm_kit.models", "mdlm_kit.sampling", "mdlm_kit.kernels"]),
     ("support", ["mdlm_kit.utils", "mdlm_kit.lightning_gaps"]),
     ("data", ["mdlm_kit.data"]),
     ("training", ["mdlm_kit.lightning", "mdlm_kit.callbacks"]),

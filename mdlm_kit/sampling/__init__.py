@@ -21,7 +21,9 @@ from mdlm_kit.sampling.samplers import (
     Sampler,
     SemiAutoregressive,
     make_sampler,
+    sampler_class,
 )
 
 __all__ = ["SAMPLERS", "Ancestral", "AncestralCache", "Confidence", "FirstHitting", "Sampler", "SamplerOptions",
-           "SamplingContext", "SemiAutoregressive", "get_sampler", "make_sampler", "sample_categorical"]
+           "SamplingContext", "SemiAutoregressive", "get_sampler", "make_sampler", "sample_categorical",
+           "sampler_class"]

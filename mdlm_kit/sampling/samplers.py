@@ -7,7 +7,6 @@ is refused when the command line is read, naming it. Each object calls its regis
 
 from __future__ import annotations
 
-import inspect
 from typing import Literal
 
 from torch import Tensor
@@ -15,6 +14,7 @@ from torch import Tensor
 from mdlm_kit.errors import UserError
 from mdlm_kit.kernels import Kernel
 from mdlm_kit.sampling.base import SAMPLERS, SamplerOptions, SamplingContext
+from mdlm_kit.specs import init_args
 
 
 class Sampler:
@@ -35,12 +35,7 @@ class Sampler:
         self.options()  # checked now, before any model is loaded
 
     def args(self) -> dict:
-        out = {}
-        for cls in type(self).__mro__:
-            for p in inspect.signature(cls.__init__).parameters.values() if "__init__" in vars(cls) else ():
-                if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-                    out.setdefault(p.name, getattr(self, p.name))
-        return out
+        return init_args(self)
 
     def options(self, seed: int = 0) -> SamplerOptions:
         return SamplerOptions(seed=seed, **self.args())
@@ -125,15 +120,19 @@ CLASSES: dict[str, type[Sampler]] = {cls.name: cls for cls in (FirstHitting, Anc
                                                                  SemiAutoregressive, Confidence)}
 
 
+def sampler_class(name: str) -> type[Sampler]:
+    """The class a registered name (``fhs``) or a class name (``FirstHitting``) stands for."""
+    cls = CLASSES.get(name) or next((c for c in CLASSES.values() if name.rsplit(".", 1)[-1] == c.__name__), None)
+    if cls is None:
+        raise UserError(f"unknown sampler {name!r}; choose one of: {', '.join(CLASSES)} (or their classes: "
+                        f"{', '.join(c.__name__ for c in CLASSES.values())})")
+    return cls
+
+
 def make_sampler(spec: Sampler | str | None = None, **kwargs) -> Sampler:
     """A sampler from an instance, a registered name (``fhs``) or a class name (``FirstHitting``), with options."""
     if type(spec) is Sampler:  # the common options alone (--sampler.temperature 0.9): the default sampler's
         return FirstHitting(**spec.args())
     if isinstance(spec, Sampler):
         return spec
-    spec = spec or "fhs"
-    cls = CLASSES.get(spec) or next((c for c in CLASSES.values() if spec.rsplit(".", 1)[-1] == c.__name__), None)
-    if cls is None:
-        raise UserError(f"unknown sampler {spec!r}; choose one of: {', '.join(CLASSES)} (or their classes: "
-                        f"{', '.join(c.__name__ for c in CLASSES.values())})")
-    return cls(**kwargs)
+    return sampler_class(spec or "fhs")(**kwargs)
