@@ -172,6 +172,7 @@ def _lightning_cli(argv: list[str] | None) -> None:
             for cb in self.trainer.callbacks:
                 if isinstance(cb, InitWeights):
                     cb.check(self.model)
+            self.model.check_optimization()
             check_writable_folder(self.trainer.default_root_dir, "trainer.default_root_dir", create=True)
             self.model.check_data(self.datamodule)
             ckpt = self.resume_path()

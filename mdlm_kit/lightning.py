@@ -271,6 +271,19 @@ class LanguageModel(L.LightningModule):
         self.val_nelbo_sum.reset()
         self.val_tokens.reset()
 
+    def check_optimization(self) -> None:
+        """Build the optimizer and the learning-rate schedule on a stand-in parameter, so that bad settings (a
+        negative learning rate or warmup) are one line before a run writes anything, not an error at its start."""
+        p = torch.nn.Parameter(torch.zeros(1))
+        try:
+            opt = self.optimizer([{"params": [p]}]) if self.optimizer else torch.optim.SGD([p], lr=1.0)
+            if self.lr_scheduler:
+                self.lr_scheduler(opt)
+        except UserError:
+            raise
+        except (ValueError, TypeError) as e:  # torch's own checks (Invalid learning rate: -1.0)
+            raise UserError(f"model.optimizer / model.lr_scheduler: {e}") from None
+
     def configure_optimizers(self):
         decay, no_decay = [], []
         for name, p in self.backbone.named_parameters():

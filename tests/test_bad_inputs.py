@@ -25,6 +25,8 @@ ROWS = {
     "fit-unknown-key": (["fit", "{debug}", "--config", "{typo}"], "does not accept option 'model.lrr'"),
     "fit-out-of-range": (["fit", "{debug}", "--data.batch_size", "0"], "data.batch_size and data.eval_batch_size must"),
     "fit-dropout-range": (["fit", "{debug}", "--model.backbone.dropout", "1.5"], "dropout must be in [0, 1), got 1.5"),
+    "fit-warmup-negative": (["fit", "{debug}", "--model.lr_scheduler.warmup_steps", "-1"], "warmup_steps must be >= 0"),
+    "fit-lr-negative": (["fit", "{debug}", "--model.optimizer.lr", "-1"], "Invalid learning rate: -1.0"),
     "fit-seq-len-above-max": (["fit", "{debug}", "--data.seq_len", "300"], "maximum sequence length 256"),
     "fit-resume-missing": (["fit", "{debug}", "--ckpt_path", "{tmp}/nope.ckpt"], "no such checkpoint"),
     "fit-resume-truncated": (["fit", "{debug}", "--ckpt_path", "{truncated}"], "is truncated or corrupt"),
