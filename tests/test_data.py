@@ -168,3 +168,38 @@ def test_embedded_shakespeare_is_fetched_once_and_split_by_whole_plays(cache_roo
     n_chars = sum(map(len, corpus.train + corpus.val))
     assert 4_500_000 < n_chars < 5_500_000
     assert any(cache_root.rglob("hamlet_gut.txt"))
+
+
+_POOL_SCRIPT = """
+import json, sys
+import datasets, numpy as np
+from pathlib import Path
+from mdlm_kit.data.cache import Packing, build_split
+
+docs = [("doc %d " % i) * (1 + i % 7) for i in range(2500)]
+encode = lambda texts: [[ord(c) % 50 for c in t] for t in texts]
+out = {}
+for procs in (1, 2):
+    stream, stats = build_split(Path(sys.argv[1]) / str(procs), datasets.Dataset.from_dict({"text": docs}), encode, 50,
+                                Packing("stream", 16, 48, 49, 47), meta={}, num_proc=procs)
+    out[procs] = (stream.read(0, len(stream)).tolist(), stream.doc_ends.tolist())
+print(json.dumps({"same": out[1] == out[2], "tokens": len(out[1][0]), "docs": len(out[1][1])}))
+"""
+
+
+def test_tokenizing_with_a_pool_of_processes_gives_the_one_process_cache(tmp_path):
+    """2,500 documents: two processes (the CPUs of a small machine), each with full batches, write the same token
+    stream and document ends as one. In a fresh interpreter: the pool forks, and this one runs pytest's threads."""
+    from mdlm_kit.data.cache import map_processes
+
+    assert map_processes(2, 2500) == 2 and map_processes(8, 2500) == 2 and map_processes(8, 1999) is None
+    assert map_processes(None, 10**6) is None and map_processes(4, 40) is None  # Shakespeare's 40 plays: no pool
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _POOL_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=240, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"same": True, "tokens": report["tokens"], "docs": 2500} and report["tokens"] > 2500 * 10

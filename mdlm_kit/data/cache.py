@@ -170,6 +170,17 @@ def _open_or_clear(folder: Path) -> TokenStream | None:
         return None
 
 
+MAP_BATCH = 1000  # documents per batch of Dataset.map
+
+
+def map_processes(num_proc: int | None, n_docs: int) -> int | None:
+    """Processes for tokenizing ``n_docs`` documents: at most ``num_proc``, and one per full batch of MAP_BATCH
+    documents (a pool for a few documents costs more to start than it saves, and forks the calling process).
+    ``None`` (no pool) for one."""
+    n = min(num_proc or 1, n_docs // MAP_BATCH)
+    return n if n > 1 else None
+
+
 def build_split(folder: Path, dataset, encode_batch, vocab_size: int, packing: Packing, meta: dict,
                 num_proc: int | None = None, shard_tokens: int = SHARD_TOKENS,
                 progress: bool = False) -> tuple[TokenStream, dict]:
@@ -191,8 +202,8 @@ def build_split(folder: Path, dataset, encode_batch, vocab_size: int, packing: P
         from tqdm.auto import tqdm
 
         tokenized = dataset.map(
-            lambda batch: {"ids": encode_batch(batch["text"])}, batched=True, batch_size=1000,
-            num_proc=num_proc if num_proc and num_proc > 1 and len(dataset) >= 2 * num_proc else None,
+            lambda batch: {"ids": encode_batch(batch["text"])}, batched=True, batch_size=MAP_BATCH,
+            num_proc=map_processes(num_proc, len(dataset)),
             remove_columns=dataset.column_names, desc=f"tokenizing {folder.name}", load_from_cache_file=False,
             cache_file_name=str(tmp / "_map" / "tokenized.arrow"),
         )
@@ -204,7 +215,7 @@ def build_split(folder: Path, dataset, encode_batch, vocab_size: int, packing: P
             shards.append({"file": f"shard-{len(shards):05d}.bin", "tokens": len(tokens)})
             _write_shard(tmp / shards[-1]["file"], tokens.astype(dtype))
 
-        for batch in tokenized.iter(batch_size=1000):
+        for batch in tokenized.iter(batch_size=MAP_BATCH):
             part = packing.stream(batch["ids"])
             ends.append(part.doc_ends + total)
             buf.append(part.shards[0])

@@ -171,7 +171,8 @@ class TextDataModule(L.LightningDataModule):
             (default: the recipe's, 100,000 for OpenWebText).
         text_key: field holding the text (JSONL records, datasets); default ``text`` or the recipe's.
         num_workers: DataLoader workers.
-        num_proc: processes for tokenization (``Dataset.map``); default: the CPUs available.
+        num_proc: processes for tokenization (``Dataset.map``); default: the CPUs available, at most one
+            per 1,000 documents.
         shuffle_seed: seed of the batch order (default: the one given to ``seed_everything``, else 0).
         shard_tokens: tokens per shard file of the token cache.
         streaming: read a recipe's training split as a stream (tokenized and packed on the fly, nothing stored)
