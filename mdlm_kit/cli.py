@@ -91,7 +91,7 @@ def _lightning_cli(argv: list[str] | None) -> None:
     from mdlm_kit.callbacks import AtomicCheckpointIO, FinalCheckpoint, FSDP2Sharding, NonFiniteGuard, StepProgressBar
     from mdlm_kit.data import TextDataModule
     from mdlm_kit.io import InitWeights
-    from mdlm_kit.io.ckpt import check_resume, model_hparams, read_checkpoint, resolve_last
+    from mdlm_kit.io.ckpt import check_resume, model_hparams, moved_settings, read_checkpoint, resolve_last
     from mdlm_kit.lightning import LanguageModel
     from mdlm_kit.lightning_gaps import CheckpointHparamsCLI
     from mdlm_kit.utils import check_writable_folder
@@ -163,6 +163,9 @@ def _lightning_cli(argv: list[str] | None) -> None:
             if unknown:
                 logging.getLogger("mdlm_kit").warning(
                     "--ckpt_path %s: ignoring model settings this version does not know: %s", path, ", ".join(unknown))
+            if moved := moved_settings(stored):
+                logging.getLogger("mdlm_kit").warning(
+                    "--ckpt_path %s: not carried over, set elsewhere now: %s", path, ", ".join(moved))
             hparams.pop("vocab_size", None)  # the data's (linked), which check_resume compares with the weights
             return {k: v for k, v in hparams.items() if v is not None}
 

@@ -4,10 +4,10 @@ learning-rate schedule."""
 
 import torch
 
-from helpers import CONFIGS, run_cli
+from helpers import CONFIGS, run_main
 from mdlm_kit.families import Autoregressive, MaskedDiffusion
 from mdlm_kit.io import load_checkpoint
-from mdlm_kit.io.ckpt import build_model, model_hparams
+from mdlm_kit.io.ckpt import build_model, model_hparams, moved_settings
 from mdlm_kit.schedules import Polynomial
 
 
@@ -32,6 +32,8 @@ def test_flat_settings_become_typed_parts():
            "lr": 1e-3, "warmup_steps": 7, "decay_steps": 9, "fused_adamw": True, "compile": False,
            "_class_path": "mdlm_kit.lightning.MaskedDiffusionLM"}
     h = model_hparams(old)
+    assert moved_settings(old) == ["fused_adamw=True (--model.optimizer.init_args.fused true)"]  # compile: default
+    assert moved_settings(h) == []
     assert h["backbone"] == {"size": "debug", "conv_kernel": 3}
     assert h["optimizer"]["init_args"]["lr"] == 1e-3 and h["lr_scheduler"]["init_args"]["warmup_steps"] == 7
     model = build_model({"hyper_parameters": old})
@@ -43,9 +45,9 @@ def test_flat_settings_become_typed_parts():
     assert isinstance(ar.family, Autoregressive) and ar.backbone.causal
 
 
-def test_a_legacy_checkpoint_evaluates_and_resumes_as_it_did(trained, trained_ckpt, tmp_path):
+def test_a_legacy_checkpoint_evaluates_and_resumes_as_it_did(trained, trained_ckpt, tmp_path, capfd):
     ckpt = torch.load(trained_ckpt, map_location="cpu", weights_only=False)
-    ckpt["hyper_parameters"] = legacy(ckpt["hyper_parameters"])
+    ckpt["hyper_parameters"] = {**legacy(ckpt["hyper_parameters"]), "on_nonfinite": "skip"}
     old = tmp_path / "legacy.ckpt"
     torch.save(ckpt, old)
     (new_model, _), (old_model, _) = load_checkpoint(trained_ckpt), load_checkpoint(old)
@@ -55,8 +57,11 @@ def test_a_legacy_checkpoint_evaluates_and_resumes_as_it_did(trained, trained_ck
     with torch.no_grad():
         assert torch.equal(old_model.loss_terms(x0, keys, 2).per_seq, new_model.loss_terms(x0, keys, 2).per_seq)
     steps = int(ckpt["global_step"])
-    proc = run_cli("fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(trained.parent / "corpus"),
-                   "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", str(steps + 2),
-                   "--ckpt_path", str(old))
+    proc = run_main(capfd, "fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus",
+                    str(trained.parent / "corpus"), "--trainer.default_root_dir", str(tmp_path / "run"),
+                    "--trainer.max_steps", str(steps + 2), "--ckpt_path", str(old))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"{steps + 2} of {steps + 2} steps" in proc.stderr
+    # a setting that moved out of the model is named, with where it is set now, not dropped in silence
+    assert f"--ckpt_path {old}: not carried over, set elsewhere now: on_nonfinite='skip' (fit --on_nonfinite)" \
+        in proc.stderr

@@ -92,6 +92,21 @@ def model_hparams(hparams: dict, kind: str | None = None) -> dict:
     }
 
 
+# flat settings of the classes before LanguageModel that are set elsewhere now: (their default, where)
+MOVED = {"compile": (False, "the mdlm_kit.callbacks.CompileBlocks callback"),
+         "fused_adamw": (None, "--model.optimizer.init_args.fused true"),
+         "on_nonfinite": ("stop", "fit --on_nonfinite")}
+
+
+def moved_settings(hparams: dict) -> list[str]:
+    """An older checkpoint's settings that ``model_hparams`` does not carry over because they moved out of the
+    model, where they differ from their default: ``name=value (where it is set now)``."""
+    if "family" in hparams or "backbone" in hparams:
+        return []
+    return [f"{k}={hparams[k]!r} ({where})" for k, (default, where) in MOVED.items()
+            if k in hparams and hparams[k] != default]
+
+
 def build_model(ckpt: dict):
     """The ``LanguageModel`` a checkpoint describes (without its optimizer: for evaluation and fine-tuning)."""
     from mdlm_kit.lightning import LanguageModel
