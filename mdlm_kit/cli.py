@@ -430,12 +430,14 @@ def _one_line(msg: str) -> str:
                 return f"{'.'.join(keys)}: {m.group(2)} (by {cls})"
         elif m := re.match(r"- Problem with given class_path '([^']+)'", ln):
             cls = m.group(1).rsplit(".", 1)[-1]
-        elif (m := re.match(r"Given value: (.*)", ln)) and cls:  # a value no type of the option accepts
+        elif (m := re.match(r"Given value: (.*)", ln)) and keys and (cls or keys[-1].endswith((".schedule",
+                                                                                                  ".family"))):
+            from mdlm_kit.families import FAMILIES  # a value no type of the option accepts
             from mdlm_kit.schedules import SCHEDULES
 
-            names = ", ".join(c.__name__ for c in SCHEDULES.values())
-            choices = f"; choose one of: {names}" if keys[-1] == "schedule" else ""
-            return f"{'.'.join(keys)}: invalid value {m.group(1)!r}{choices} (by {cls})"
+            known = {"schedule": SCHEDULES, "family": FAMILIES}.get(keys[-1].rsplit(".", 1)[-1], {})
+            choices = f"; choose one of: {', '.join(c.__name__ for c in known.values())}" if known else ""
+            return f"{'.'.join(keys)}: invalid value {m.group(1)!r}{choices}" + (f" (by {cls})" if cls else "")
         elif cls and not ln.startswith(("- ", "Given value", "Subtypes", "Errors", "Does not validate")):
             return f"{'.'.join(keys)}: {ln} (by {cls})"
     if m := re.match(r'Parser key "([^"]+)":\s*(.*)', lines[0]):  # an option of a plain (not class_path) group

@@ -65,13 +65,16 @@ def corpus(tmp_path_factory):
         (["--data.corpus", "/no/such/corpus"], "no such file or folder: /no/such/corpus"),
         (["--model.family.schedule", "cosin"],
          "model.family.schedule: invalid value 'cosin'; choose one of: LogLinear,"),
+        (["--model.family", "Diffusion"], "model.family: invalid value 'Diffusion'; choose one of: MaskedDiffusion, "
+                                          "Autoregressive"),
         (["--data.seq_len", "300"], "above the model's maximum sequence length 256"),
         (["--model.no_such_option", "3"], "no_such_option"),
         (["--data.tokenizer", "words"], "data.tokenizer 'words' is not one of char, bpe, gpt2"),
         (["--model.backbone.size", "huge"],
          "model.backbone.size: Expected a typing.Literal['debug', 'tiny', 'small', 'medium']. Got value: huge"),
     ],
-    ids=["missing-path", "unknown-schedule", "seq-len-above-max", "unknown-key", "unknown-tokenizer", "unknown-size"],
+    ids=["missing-path", "unknown-schedule", "unknown-family", "seq-len-above-max", "unknown-key", "unknown-tokenizer",
+         "unknown-size"],
 )
 def test_fit_bad_input_gives_one_line_and_leaves_nothing(tmp_path, corpus, cache_root, capfd, args, match):
     out = tmp_path / "run"
