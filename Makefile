@@ -28,7 +28,7 @@ quickstart: $(STAMP)
 	$(BIN)/mdlm-kit report --checkpoint $(RUN_DIR)/checkpoints/last.ckpt --num_samples 3 --sample_length 96
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # after a change meant to alter training (objective, schedule, model, data order, optimizer): review the diff
 golden: $(STAMP)

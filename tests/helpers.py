@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -9,8 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+
+
+# Tests that start several DDP processes run one at a time, on one pytest-xdist worker (``make test`` distributes
+# with --dist loadgroup): each picks its rendezvous port as a free one and binds it seconds later, and two such runs
+# side by side can take each other's ports (the ranks of one then wait for the other's)
+DDP = pytest.mark.xdist_group("ddp")
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300,
@@ -38,6 +47,15 @@ def run_main(capfd, *args: str) -> subprocess.CompletedProcess:
 
     capfd.readouterr()  # what the test printed before is not this command's output
     argv, sys.argv = sys.argv, ["mdlm-kit"]  # the console script's: help names it, Lightning sees no other arguments
+    # the log lines a fresh process prints: the toolkit's warnings (logging's last resort there; pytest's log capture
+    # holds them here), Lightning's handlers on this test's stderr (not the stream of the test that imported it)
+    ours = logging.StreamHandler(sys.stderr)
+    ours.setLevel(logging.WARNING)
+    logging.getLogger("mdlm_kit").addHandler(ours)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler:
+                handler.setStream(sys.stderr)
     try:
         main(list(args))
         code = 0
@@ -45,6 +63,7 @@ def run_main(capfd, *args: str) -> subprocess.CompletedProcess:
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
     finally:
         sys.argv = argv
+        logging.getLogger("mdlm_kit").removeHandler(ours)
     out, err = capfd.readouterr()
     return subprocess.CompletedProcess(["mdlm-kit", *args], code, out, err)
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import CONFIGS, ROOT, read_records, run_cli, run_main, write_corpus
+from helpers import CONFIGS, DDP, ROOT, read_records, run_cli, run_main, write_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +53,7 @@ FSDP2 = """trainer:
 """
 
 
+@DDP
 def test_two_process_ddp_and_fsdp2_match_one_process_for_the_same_global_batch(tmp_path, corpus, cache_root, capfd):
     steps = ["--trainer.max_steps", "8"]
     _fit(tmp_path, "one", corpus, *steps, "--data.batch_size", "16", capfd=capfd)
@@ -118,6 +119,7 @@ def test_resuming_with_another_global_batch_is_refused(tmp_path, corpus, cache_r
     assert os.path.exists(tmp_path / "a" / "checkpoints" / "last.ckpt")
 
 
+@DDP
 def test_ddp_skips_a_step_non_finite_in_one_process_and_saves_together_on_sigterm(tmp_path, corpus, cache_root):
     """2 DDP processes: a NaN loss in process 1 only (step 3) is skipped by both (no update anywhere, no hang,
     no traceback); a SIGTERM to process 0 only (after step 3) makes both save step 3 and stop (status 143)."""

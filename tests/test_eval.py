@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import CONFIGS, random_dit, run_cli, write_corpus
+from helpers import CONFIGS, random_dit, run_cli, run_main, write_corpus
 from mdlm_kit.eval.genppl import diversity, score
 from mdlm_kit.eval.likelihood import evaluate_likelihood, ratio_stderr
 from mdlm_kit.io import load_checkpoint
@@ -96,9 +96,9 @@ def test_ratio_stderr_matches_the_spread_of_the_ratio_over_replications():
 # ---- mdlm-kit ppl ----
 
 
-def test_ppl_reports_a_bound_with_error_bars(trained_ckpt, tmp_path):
+def test_ppl_reports_a_bound_with_error_bars(trained_ckpt, tmp_path, capfd):
     plot = tmp_path / "buckets.png"
-    out = _json(run_cli("ppl", "--checkpoint", str(trained_ckpt), "--plot", str(plot), "--num_buckets", "10"))
+    out = _json(run_main(capfd, "ppl", "--checkpoint", str(trained_ckpt), "--plot", str(plot), "--num_buckets", "10"))
     for key in ("nelbo", "ppl", "stderr", "ci95", "num_tokens", "num_sequences", "tokens_per_second", "protocol"):
         assert key in out
     assert out["ppl"] == pytest.approx(math.exp(out["nelbo"]))
@@ -151,10 +151,10 @@ def test_more_time_samples_shrink_the_error_bar_and_agree(trained_ckpt):
     assert one.nelbo != other.nelbo
 
 
-def test_ppl_on_another_file_uses_the_checkpoint_tokenizer(trained_ckpt, tmp_path):
+def test_ppl_on_another_file_uses_the_checkpoint_tokenizer(trained_ckpt, tmp_path, capfd):
     text = "the rest is silence.\nall the world is a stage.\n" * 40
     (tmp_path / "eval.txt").write_text(text)
-    out = _json(run_cli("ppl", "--checkpoint", str(trained_ckpt), "--data", str(tmp_path / "eval.txt"),
+    out = _json(run_main(capfd, "ppl", "--checkpoint", str(trained_ckpt), "--data", str(tmp_path / "eval.txt"),
                         "--seq_len", "32", "--estimator", "count"))
     assert out["data"]["split"] == "all" and out["data"]["seq_len"] == 32
     # the whole file, BOS + text + EOS, cut into 32-token blocks (char tokenizer: one token per character)
@@ -175,9 +175,9 @@ def test_ppl_discrete_time_bound_sits_above_the_continuous_one(trained_ckpt):
     assert abs(res[100] - cont.nelbo) < 3 * cont.stderr
 
 
-def test_autoregressive_baseline_trains_with_the_same_cli_and_beats_the_bound(trained_ar, trained_ckpt):
-    ar = _json(run_cli("ppl", "--checkpoint", str(trained_ar)))
-    diff = _json(run_cli("ppl", "--checkpoint", str(trained_ckpt), "--num_t_samples", "4"))
+def test_autoregressive_baseline_trains_with_the_same_cli_and_beats_the_bound(trained_ar, trained_ckpt, capfd):
+    ar = _json(run_main(capfd, "ppl", "--checkpoint", str(trained_ar)))
+    diff = _json(run_main(capfd, "ppl", "--checkpoint", str(trained_ckpt), "--num_t_samples", "4"))
     assert ar["model"] == "autoregressive" and ar["protocol"]["estimator"] == "exact"
     assert ar["num_tokens"] == diff["num_tokens"]  # the same blocks
     assert ar["nelbo"] < diff["nelbo"] - 3 * math.hypot(ar["stderr"], diff["stderr"])
@@ -215,12 +215,12 @@ def test_score_cuts_windows_and_leaves_the_context_out():
     assert score(sc, [], context=0) == (0.0, 0)
 
 
-def test_genppl_under_the_autoregressive_baseline_scores_the_sampled_tokens(trained_ckpt, trained_ar, tmp_path):
+def test_genppl_under_the_autoregressive_baseline_scores_the_sampled_tokens(trained_ckpt, trained_ar, tmp_path, capfd):
     samples = tmp_path / "s.jsonl"
-    proc = run_cli("generate", "--checkpoint", str(trained_ckpt), "--num_samples", "6", "--length", "40",
+    proc = run_main(capfd, "generate", "--checkpoint", str(trained_ckpt), "--num_samples", "6", "--length", "40",
                    "--seed", "0", "--output", str(samples))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = _json(run_cli("genppl", "--samples", str(samples), "--scorer", str(trained_ar)))
+    out = _json(run_main(capfd, "genppl", "--samples", str(samples), "--scorer", str(trained_ar)))
     assert out["scoring"] == "sampled token ids (same tokenizer)"
     assert out["num_samples"] == 6 and out["num_scored_tokens"] == 6 * 39  # BOS is context, not scored
     # by hand: the AR model's NLL of each sample's tokens after BOS
@@ -237,7 +237,7 @@ def test_genppl_under_the_autoregressive_baseline_scores_the_sampled_tokens(trai
     assert 0 < out["entropy"] <= math.log(39) and 0 < out["distinct_1"] <= 1
 
 
-def test_genppl_with_a_hugging_face_causal_lm_retokenizes_the_text(tmp_path):
+def test_genppl_with_a_hugging_face_causal_lm_retokenizes_the_text(tmp_path, capfd):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -259,7 +259,7 @@ def test_genppl_with_a_hugging_face_causal_lm_retokenizes_the_text(tmp_path):
     ]
     samples = tmp_path / "s.jsonl"
     samples.write_text("".join(json.dumps(r) + "\n" for r in records))
-    out = _json(run_cli("genppl", "--samples", str(samples), "--scorer", str(folder)))
+    out = _json(run_main(capfd, "genppl", "--samples", str(samples), "--scorer", str(folder)))
     assert out["scoring"] == "retokenized text"
 
     def enc(t):
@@ -319,12 +319,12 @@ def files(tmp_path_factory):
          "samples-not-json", "scorer-wrong-kind",
          "scorer-offline", "generate-ar", "report-ar", "unknown-source"],
 )
-def test_bad_input_gives_one_line(argv, match, files, trained_ckpt, trained_ar):
+def test_bad_input_gives_one_line(argv, match, files, trained_ckpt, trained_ar, capfd):
     (files / "s.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
     argv = [a.format(files=files, ckpt=trained_ckpt, ar=trained_ar) for a in argv]
     if argv[0] == "ppl":
         argv[1:1] = ["--checkpoint", str(trained_ckpt)]
-    _one_line_error(run_cli(*argv), match)
+    _one_line_error(run_main(capfd, *argv), match)
 
 
 # ---- likelihood checks on sources of known entropy ----

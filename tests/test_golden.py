@@ -27,5 +27,6 @@ def test_debug_recipe_reproduces_its_golden_losses(tmp_path, cache_root, estimat
     assert len(losses) == len(want)
     differ = [(step, got, w) for step, (got, w) in enumerate(zip(losses, want), 1) if abs(got - w) > RTOL * abs(w)]
     assert not differ, (
-        f"{len(differ)} of {len(losses)} losses differ from {ASSET.name} by more than {RTOL:g} relative (made with torch {golden['torch']}, this is "
-        f"{torch.__version__}); (step, got, golden): {differ[:3]}; if the change is meant, run `make golden`")
+        f"{len(differ)} of {len(losses)} losses differ from {ASSET.name} by more than {RTOL:g} relative (made with "
+        f"torch {golden['torch']}, this is {torch.__version__}); (step, got, golden): {differ[:3]}; "
+        "if the change is meant, run `make golden`")

@@ -449,11 +449,11 @@ def test_first_hitting_sampler_runs_on_an_imported_model(fx, time_conditioning):
     assert len({tuple(r) for r in out.tolist()}) > 1  # distinct samples from distinct keys
 
 
-def test_the_cli_samples_evaluates_and_exports_an_mdlm_checkpoint(tmp_path, cache_root):
+def test_the_cli_samples_evaluates_and_exports_an_mdlm_checkpoint(tmp_path, cache_root, capfd):
     """An MDLM Lightning checkpoint with GPT-2's vocabulary (tiny random weights) through the mdlm-kit command:
     samples from the first-hitting sampler, a perplexity bound on a text file, and an export whose bound is
     the same."""
-    from helpers import run_cli
+    from helpers import run_main
 
     sd = random_reference(50258, 16, cond=8, n_layers=1, n_heads=2, seed=3)
     names = mdlm_parameter_names(1)
@@ -463,19 +463,19 @@ def test_the_cli_samples_evaluates_and_exports_an_mdlm_checkpoint(tmp_path, cach
                 "ema": {"decay": 0.9999, "shadow_params": ema}}, ckpt)
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    proc = run_cli("generate", "--checkpoint", str(ckpt), "--sampler", "fhs", "--num_samples", "2", "--length", "16",
-                   "--seed", "0", timeout=300)
+    proc = run_main(capfd, "generate", "--checkpoint", str(ckpt), "--sampler", "fhs", "--num_samples", "2",
+                    "--length", "16", "--seed", "0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(rows) == 2 and all(len(r["tokens"]) == 16 and max(r["tokens"]) < 50257 for r in rows)
     bounds = []
     for where in (ckpt, tmp_path / "export"):
         if where.name == "export":
-            proc = run_cli("export", "--checkpoint", str(ckpt), "--out", str(where), timeout=300)
+            proc = run_main(capfd, "export", "--checkpoint", str(ckpt), "--out", str(where))
             assert proc.returncode == 0, proc.stderr[-2000:]
             assert json.loads(proc.stdout)["weights"] == "ema"
-        proc = run_cli("ppl", "--checkpoint", str(where), "--data", str(text), "--seq_len", "32", "--progress",
-                       "false", timeout=300)
+        proc = run_main(capfd, "ppl", "--checkpoint", str(where), "--data", str(text), "--seq_len", "32", "--progress",
+                       "false")
         assert proc.returncode == 0, proc.stderr[-2000:]
         bounds.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert bounds[0]["num_tokens"] == bounds[1]["num_tokens"] > 0

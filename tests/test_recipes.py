@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import CONFIGS, ROOT, run_cli, write_corpus
+from helpers import CONFIGS, DDP, ROOT, run_cli, run_main, write_corpus
 from mdlm_kit.data import TextDataModule
 from mdlm_kit.data.cache import Blocks, Packing, build_split, token_dtype
 from mdlm_kit.data.recipes import lm1b_detokenize, load_recipe_splits, ptb_detokenize, wikitext_detokenize
@@ -267,7 +267,7 @@ def test_a_killed_preparation_leaves_no_partial_cache_and_the_next_run_rebuilds_
 # ---- mdlm-kit data prepare ----
 
 
-def test_data_prepare_reports_tokens_shards_and_throughput(tmp_path, monkeypatch):
+def test_data_prepare_reports_tokens_shards_and_throughput(tmp_path, monkeypatch, capfd):
     # a cache of its own: the first preparation must tokenize, whatever earlier tests of the session cached
     monkeypatch.setenv("MDLM_KIT_CACHE", str(tmp_path / "cache"))
     text = tmp_path / "notes.txt"
@@ -275,7 +275,7 @@ def test_data_prepare_reports_tokens_shards_and_throughput(tmp_path, monkeypatch
     args = ["data", "prepare", "--config", str(CONFIGS / "debug.yaml"), "--no_progress"]
     for extra in (["--data.corpus", str(text)], []):  # a local text file, then the embedded corpus
         t0 = time.perf_counter()
-        proc = run_cli(*args, *extra)
+        proc = run_main(capfd, *args, *extra)
         assert proc.returncode == 0, proc.stderr[-2000:]
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         assert out["packing"] == "stream" and out["splits"]["train"]["dtype"] == "uint16"
@@ -284,7 +284,7 @@ def test_data_prepare_reports_tokens_shards_and_throughput(tmp_path, monkeypatch
             assert s["tokens"] > 0 and s["shards"] >= 1 and not s["cached"] and s["tokens_per_second"] > 0
             assert s["documents"] >= 1 and s["blocks"] == s["tokens"] // 64
         assert out["tokenized_tokens_per_second"] > 0 and out["seconds"] < time.perf_counter() - t0
-        again = json.loads(run_cli(*args, *extra).stdout.strip().splitlines()[-1])
+        again = json.loads(run_main(capfd, *args, *extra).stdout.strip().splitlines()[-1])
         assert all(again["splits"][s]["cached"] for s in ("train", "val"))
         assert again["splits"]["train"]["tokens"] == out["splits"]["train"]["tokens"]
     assert out["corpus"] == "shakespeare" and out["splits"]["train"]["tokens"] > 4_000_000
@@ -302,12 +302,12 @@ def test_data_prepare_reports_tokens_shards_and_throughput(tmp_path, monkeypatch
         (["--data.corpus", "text8"], "could not load"),
     ],
 )
-def test_data_prepare_bad_input_is_one_line(args, match, tmp_path):
+def test_data_prepare_bad_input_is_one_line(args, match, tmp_path, capfd):
     with zipfile.ZipFile(tmp_path / "bad.zip", "w") as z:
         z.writestr("other", "abc")
     (tmp_path / "empty").mkdir()
     args = [a.replace("{tmp}", str(tmp_path / "empty") if a == "{tmp}" else str(tmp_path)) for a in args]
-    proc = run_cli("data", "prepare", *args)
+    proc = run_main(capfd, "data", "prepare", *args)
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert proc.returncode == 2 and lines[-1].startswith("mdlm-kit: error: ") and match in lines[-1], proc.stderr
     assert "Traceback" not in proc.stderr
@@ -362,15 +362,15 @@ def samples(tmp_path_factory, owt_disk, bert_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe, config, seq_len", [("openwebtext", "owt_mdlm_small", 64), ("lm1b", "lm1b_mdlm", 16),
                                                      ("text8", "text8", 64), ("wikitext103", "wikitext103", 64)])
-def test_recipe_config_trains_and_evaluates_on_a_local_sample(tmp_path, samples, recipe, config, seq_len):
+def test_recipe_config_trains_and_evaluates_on_a_local_sample(tmp_path, samples, recipe, config, seq_len, capfd):
     path, extra = samples[recipe]
     out = tmp_path / recipe
-    proc = run_cli("fit", "--config", str(CONFIGS / f"{config}.yaml"), *CPU, "--data.path", str(path),
+    proc = run_main(capfd, "fit", "--config", str(CONFIGS / f"{config}.yaml"), *CPU, "--data.path", str(path),
                    "--data.seq_len", str(seq_len), "--model.backbone.max_seq_len", str(seq_len),
-                   "--trainer.default_root_dir", str(out), *extra, timeout=300)
+                   "--trainer.default_root_dir", str(out), *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = out / "checkpoints" / "last.ckpt"
-    res = run_cli("ppl", "--checkpoint", str(ckpt), "--max_sequences", "4", "--num_t_samples", "2")
+    res = run_main(capfd, "ppl", "--checkpoint", str(ckpt), "--max_sequences", "4", "--num_t_samples", "2")
     assert res.returncode == 0, res.stderr[-2000:]
     ppl = json.loads(res.stdout)
     assert ppl["data"]["corpus"] == recipe and ppl["num_sequences"] == 4 and np.isfinite(ppl["nelbo"])
@@ -379,23 +379,23 @@ def test_recipe_config_trains_and_evaluates_on_a_local_sample(tmp_path, samples,
     else:
         assert ppl["num_tokens"] == 4 * seq_len
     if recipe == "openwebtext":  # other block lengths re-pack the run's own validation documents (val_docs)
-        res = run_cli("ppl", "--checkpoint", str(ckpt), "--seq_len", "32")
+        res = run_main(capfd, "ppl", "--checkpoint", str(ckpt), "--seq_len", "32")
         assert res.returncode == 0, res.stderr[-2000:]
         stream = sum(len(ids) + 1 for ids in _gpt2_ids(OWT_DOCS[-3:]))
         assert json.loads(res.stdout)["num_tokens"] == stream // 30 * 32
-    gen = run_cli("generate", "--checkpoint", str(ckpt), "--sampler", "fhs", "--num_samples", "1", "--length",
+    gen = run_main(capfd, "generate", "--checkpoint", str(ckpt), "--sampler", "fhs", "--num_samples", "1", "--length",
                   str(seq_len), "--seed", "0")
     assert gen.returncode == 0 and len(json.loads(gen.stdout)["tokens"]) == seq_len, gen.stderr[-2000:]
 
 
 @pytest.mark.slow
-def test_zero_shot_sets_with_and_without_eos_between_sequences(tmp_path, samples):
+def test_zero_shot_sets_with_and_without_eos_between_sequences(tmp_path, samples, capfd):
     """``ppl --data ptb|lambada --path`` on an OpenWebText-style (GPT-2, wrap) checkpoint; token counts checked."""
     path, extra = samples["openwebtext"]
     out = tmp_path / "owt"
-    proc = run_cli("fit", "--config", str(CONFIGS / "owt_mdlm_small.yaml"), *CPU, "--data.path", str(path),
+    proc = run_main(capfd, "fit", "--config", str(CONFIGS / "owt_mdlm_small.yaml"), *CPU, "--data.path", str(path),
                    "--data.seq_len", "32", "--model.backbone.max_seq_len", "32", "--trainer.default_root_dir", str(out),
-                   *extra, timeout=300)
+                   *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = str(out / "checkpoints" / "last.ckpt")
     sentences = [f"the company 's shares rose N % to $ N , he said ; it did n't last {i} ." for i in range(40)]
@@ -411,7 +411,7 @@ def test_zero_shot_sets_with_and_without_eos_between_sequences(tmp_path, samples
                         ("lambada", [lambada_detokenize(t) for t in lambada])):
         ids = _gpt2_ids(texts)
         for eos, flag in ((True, "true"), (False, "false")):
-            res = run_cli("ppl", "--checkpoint", ckpt, "--data", name, "--path", str(tmp_path / name),
+            res = run_main(capfd, "ppl", "--checkpoint", ckpt, "--data", name, "--path", str(tmp_path / name),
                           "--insert_eos", flag, "--batch_size", "64")
             assert res.returncode == 0, res.stderr[-2000:]
             out_ = json.loads(res.stdout)
@@ -419,7 +419,7 @@ def test_zero_shot_sets_with_and_without_eos_between_sequences(tmp_path, samples
             assert out_["num_tokens"] == (n_stream // 30) * 32, (name, eos)
             assert out_["data"] == {"corpus": name, "split": "val", "seq_len": 32, "packing": "wrap",
                                     "insert_eos": eos}
-    bad = run_cli("ppl", "--checkpoint", ckpt, "--data", "ptb", "--path", str(tmp_path / "nope"))
+    bad = run_main(capfd, "ppl", "--checkpoint", ckpt, "--data", "ptb", "--path", str(tmp_path / "nope"))
     assert bad.returncode == 2 and "no such file or folder" in bad.stderr.strip().splitlines()[-1]
 
 
@@ -482,13 +482,13 @@ def test_streaming_splits_documents_over_processes_and_workers_without_overlap(o
 
 
 @pytest.mark.slow
-def test_streaming_recipe_trains_end_to_end(tmp_path, samples):
+def test_streaming_recipe_trains_end_to_end(tmp_path, samples, capfd):
     path, extra = samples["openwebtext"]
     out = tmp_path / "stream"
-    proc = run_cli("fit", "--config", str(CONFIGS / "owt_mdlm_small.yaml"), *CPU, "--data.path", str(path),
+    proc = run_main(capfd, "fit", "--config", str(CONFIGS / "owt_mdlm_small.yaml"), *CPU, "--data.path", str(path),
                    "--data.seq_len", "32", "--model.backbone.max_seq_len", "32", "--data.streaming", "true",
                    "--data.shuffle_buffer", "8", "--trainer.max_steps", "5", "--trainer.default_root_dir", str(out),
-                   *extra, timeout=300)
+                   *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 5 and ckpt["TextDataModule"]["epoch_batches"] == 5
@@ -551,6 +551,7 @@ def test_unreadable_index_is_rebuilt_and_map_leaves_nothing_in_the_dataset_folde
 
 
 @pytest.mark.slow
+@DDP
 def test_ddp_on_padded_blocks_matches_one_process(tmp_path, samples):
     """Ranks hold different numbers of real tokens; the scaled loss gives the one-process gradient."""
     from helpers import read_records

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from helpers import run_cli
+from helpers import run_main
 from mdlm_kit.eval.likelihood import evaluate_likelihood
 from mdlm_kit.io import load_checkpoint
 
@@ -32,8 +32,8 @@ def test_validation_nelbo_falls(trained):
     assert min(values[-2:]) < min(values[:2]), curve
 
 
-def test_report_beats_the_unigram_entropy_and_is_consistent(trained):
-    proc = run_cli("report", "--checkpoint", str(trained / "checkpoints" / "last.ckpt"))
+def test_report_beats_the_unigram_entropy_and_is_consistent(trained, capfd):
+    proc = run_main(capfd, "report", "--checkpoint", str(trained / "checkpoints" / "last.ckpt"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads(proc.stdout.strip().splitlines()[-1])
     # an untrained model (zero output layer) scores log(V - 1) per token; training must beat token frequencies
@@ -61,14 +61,14 @@ def test_fit_ends_with_where_the_checkpoint_is_and_how_far_it_got(trained):
     assert not any("warning" in ln for ln in lines), lines  # it learned context: no plateau warning
 
 
-def test_a_fit_cut_by_max_time_says_so(tmp_path, cache_root):
+def test_a_fit_cut_by_max_time_says_so(tmp_path, cache_root, capfd):
     """max_time stops the run long before max_steps: fit warns with the step and the reason, and the report's JSON
     carries steps, max_steps, stopped_early and the reason (and warns too)."""
     from helpers import CONFIGS, write_corpus
 
     corpus = write_corpus(tmp_path / "corpus", n_docs=3, lines=40)
     out = tmp_path / "run"
-    proc = run_cli("fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(corpus),
+    proc = run_main(capfd, "fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(corpus),
                    "--trainer.default_root_dir", str(out), "--trainer.max_steps", "100000",
                    "--trainer.max_time", "00:00:00:03")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -78,7 +78,7 @@ def test_a_fit_cut_by_max_time_says_so(tmp_path, cache_root):
     steps = int(cut[0].split("early at step ")[1].split()[0])
     assert 0 < steps < 100000
     assert any(ln.startswith("mdlm-kit: fit done:") and f"{steps} of 100000 steps" in ln for ln in lines)
-    proc = run_cli("report", "--checkpoint", str(out / "checkpoints" / "last.ckpt"))
+    proc = run_main(capfd, "report", "--checkpoint", str(out / "checkpoints" / "last.ckpt"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (rep["steps"], rep["max_steps"], rep["stopped_early"]) == (steps, 100000, True)
@@ -86,12 +86,12 @@ def test_a_fit_cut_by_max_time_says_so(tmp_path, cache_root):
     assert f"is from step {steps} of 100000: trainer.max_time reached" in proc.stderr
 
 
-def test_fit_warns_when_the_bound_is_still_at_the_unigram_entropy(tmp_path, cache_root):
+def test_fit_warns_when_the_bound_is_still_at_the_unigram_entropy(tmp_path, cache_root, capfd):
     """Two steps learn nothing: the closing lines say the model has not learned context and what to change."""
     from helpers import CONFIGS, write_corpus
 
     corpus = write_corpus(tmp_path / "corpus", n_docs=3, lines=40)
-    proc = run_cli("fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(corpus),
+    proc = run_main(capfd, "fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(corpus),
                    "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", "2",
                    "--trainer.val_check_interval", "2", "--model.backbone.conv_kernel", "0", "--model.unigram_bias",
                    "false")
@@ -152,10 +152,10 @@ def test_evaluation_does_not_depend_on_batch_size(trained):
     assert abs(a["nelbo"] - c["nelbo"]) < 4 * math.hypot(a["stderr"], c["stderr"])
 
 
-def test_validate_subcommand_evaluates_a_checkpoint(trained, tmp_path):
+def test_validate_subcommand_evaluates_a_checkpoint(trained, tmp_path, capfd):
     from helpers import CONFIGS
 
-    proc = run_cli(
+    proc = run_main(capfd,
         "validate", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(trained.parent / "corpus"),
         "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"),
     )
@@ -210,7 +210,7 @@ def test_masked_only_head_trains_the_same_loss_curve(tmp_path, cache_root):
     assert sum(full[-20:]) / 20 < sum(full[:20]) / 20 - 0.4  # and it did train
 
 
-def test_bf16_mixed_precision_with_clipping_trains(tmp_path, cache_root):
+def test_bf16_mixed_precision_with_clipping_trains(tmp_path, cache_root, capfd):
     """The recipes' AdamW (not fused: a fused optimizer cannot be clipped under mixed precision) trains under
     bf16-mixed with clipping."""
     from helpers import CONFIGS, write_corpus
@@ -218,7 +218,7 @@ def test_bf16_mixed_precision_with_clipping_trains(tmp_path, cache_root):
     corpus = write_corpus(tmp_path / "corpus", n_docs=3, lines=40)
     common = ["fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(corpus),
               "--trainer.max_steps", "3", "--trainer.precision", "bf16-mixed", "--trainer.val_check_interval", "3"]
-    proc = run_cli(*common, "--trainer.default_root_dir", str(tmp_path / "a"))
+    proc = run_main(capfd, *common, "--trainer.default_root_dir", str(tmp_path / "a"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "3 of 3 steps" in proc.stderr
 
@@ -258,7 +258,7 @@ def test_unigram_bias_starts_the_model_at_the_training_frequencies(tmp_path):
     assert torch.count_nonzero(fresh.backbone.final.linear.bias) == 0
 
 
-def test_fit_with_unigram_bias_keeps_it_in_the_checkpoint(tmp_path, cache_root):
+def test_fit_with_unigram_bias_keeps_it_in_the_checkpoint(tmp_path, cache_root, capfd):
     """The bias is set when fit starts (after the data is read): after one step at a negligible learning rate
     the checkpoint holds the log frequencies of the training tokens."""
     import numpy as np
@@ -267,7 +267,7 @@ def test_fit_with_unigram_bias_keeps_it_in_the_checkpoint(tmp_path, cache_root):
 
     corpus = write_corpus(tmp_path / "corpus", n_docs=3, lines=40)
     out = tmp_path / "run"
-    proc = run_cli("fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(corpus),
+    proc = run_main(capfd, "fit", "--config", str(CONFIGS / "debug.yaml"), "--data.corpus", str(corpus),
                    "--trainer.default_root_dir", str(out), "--trainer.max_steps", "1", "--model.optimizer.lr", "1e-9",
                    "--trainer.val_check_interval", "1", "--model.unigram_bias", "true")
     assert proc.returncode == 0, proc.stderr[-3000:]
