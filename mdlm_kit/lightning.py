@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import SumMetric
 
 from mdlm_kit import rng
@@ -29,9 +29,6 @@ from mdlm_kit.errors import UserError
 from mdlm_kit.families import Family, make_family
 from mdlm_kit.models import Backbone, DiT
 from mdlm_kit.objective import NelboTerms
-
-OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]  # lightning.pytorch.cli's, without importing the CLI
-LRSchedulerCallable = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
