@@ -265,17 +265,44 @@ def fit_summary(trainer, model, datamodule) -> list[str]:
     return lines
 
 
-def _report(argv: list[str]) -> None:
+def _function(func, argv: list[str], print_json: bool = True):
+    """``mdlm-kit CMD ARGS`` for a command that is one function: its options are its typed arguments
+    (jsonargparse); its result is printed as one JSON line."""
+    import json
+
     from jsonargparse import CLI
 
+    result = CLI(func, args=argv, exit_on_error=False, as_positional=False)
+    if print_json:
+        print(json.dumps(result))
+    return result
+
+
+def _report(argv: list[str]) -> None:
     from mdlm_kit.eval.report import report
 
-    CLI(report, args=argv, exit_on_error=False, as_positional=False)
+    _function(report, argv, print_json=False)
+
+
+def _ppl(argv: list[str]) -> None:
+    from mdlm_kit.eval.ppl import perplexity
+
+    _function(perplexity, argv)
+
+
+def _genppl(argv: list[str]) -> None:
+    from mdlm_kit.eval.genppl import genppl
+
+    _function(genppl, argv)
+
+
+def _export(argv: list[str]) -> None:
+    from mdlm_kit.io.export import export
+
+    _function(export, argv)
 
 
 def _generate(argv: list[str]) -> None:
-    from jsonargparse import CLI
-
     from mdlm_kit.generate import generate
     from mdlm_kit.sampling import sampler_class
 
@@ -288,53 +315,17 @@ def _generate(argv: list[str]) -> None:
             argv[i] = "--sampler=" + alias(arg[len("--sampler="):])
         elif arg == "--sampler" and i + 1 < len(argv):
             argv[i + 1] = alias(argv[i + 1])
-    CLI(generate, args=argv, exit_on_error=False, as_positional=False)
-
-
-def _ppl(argv: list[str]) -> None:
-    import json
-
-    from jsonargparse import CLI
-
-    from mdlm_kit.eval.ppl import perplexity
-
-    print(json.dumps(CLI(perplexity, args=argv, exit_on_error=False, as_positional=False)))
-
-
-def _genppl(argv: list[str]) -> None:
-    import json
-
-    from jsonargparse import CLI
-
-    from mdlm_kit.eval.genppl import genppl
-
-    print(json.dumps(CLI(genppl, args=argv, exit_on_error=False, as_positional=False)))
+    _function(generate, argv, print_json=False)
 
 
 def _check_likelihood(argv: list[str]) -> None:
-    import json
-
-    from jsonargparse import CLI
-
     from mdlm_kit.eval.check import likelihood_check
 
     _quiet_lightning()
-    result = CLI(likelihood_check, args=argv, exit_on_error=False, as_positional=False)
-    print(json.dumps(result))
-    if not result["bound_respected"]:
+    if not _function(likelihood_check, argv)["bound_respected"]:
         print("mdlm-kit: check failed: the NELBO is below the true entropy by more than 3 standard errors; "
               "the bound is invalid (check the objective's weights)", file=sys.stderr)
         sys.exit(1)
-
-
-def _export(argv: list[str]) -> None:
-    import json
-
-    from jsonargparse import CLI
-
-    from mdlm_kit.io.export import export
-
-    print(json.dumps(CLI(export, args=argv, exit_on_error=False, as_positional=False)))
 
 
 def _data(argv: list[str]) -> None:
