@@ -293,22 +293,10 @@ def autoregressive_nll(model: Denoiser, x0: Tensor, start_id: int, valid: Tensor
     return NelboTerms(per_seq=nll.double().sum(-1), num_tokens=num_tokens, endpoint=zeros)
 
 
-def nelbo_from_keys(
-    model: Denoiser,
-    x0: Tensor,
-    keys: Tensor,
-    schedule: Schedule,
-    mask_id: int,
-    seed: int,
-    stream: int,
-    num_steps: int | None = None,
-    time_conditioning: bool | None = None,
-    estimator: Estimator = "time",
-    head: nn.Linear | None = None,
-    kernel: Literal["auto", "always", "never"] = "auto",
-    valid: Tensor | None = None,
-) -> NelboTerms:
-    """``nelbo`` with times and masks drawn from (seed, stream, key) per sequence.
+def nelbo_from_keys(model: Denoiser, x0: Tensor, keys: Tensor, schedule: Schedule, mask_id: int, seed: int,
+                    stream: int, **options) -> NelboTerms:
+    """``nelbo`` (``options``: its keyword arguments) with times and masks drawn from (seed, stream, key) per
+    sequence.
 
     A sequence's corruption depends only on its key (e.g. its index in the data
     stream), so estimates do not change with the batch size or the number of
@@ -316,8 +304,4 @@ def nelbo_from_keys(
     """
     t = rng.stratified_times(seed, stream, keys)
     u = rng.token_uniforms(seed, stream, keys, x0.shape[1])
-    return nelbo(
-        model, x0, t, u, schedule, mask_id,
-        num_steps=num_steps, time_conditioning=time_conditioning, estimator=estimator,
-        head=head, kernel=kernel, valid=valid,
-    )
+    return nelbo(model, x0, t, u, schedule, mask_id, **options)
