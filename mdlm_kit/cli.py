@@ -91,7 +91,7 @@ def _lightning_cli(argv: list[str] | None) -> None:
     from mdlm_kit.callbacks import AtomicCheckpointIO, FinalCheckpoint, FSDP2Sharding, NonFiniteGuard, StepProgressBar
     from mdlm_kit.data import TextDataModule
     from mdlm_kit.io import InitWeights
-    from mdlm_kit.io.ckpt import check_resume, model_hparams, moved_settings, read_checkpoint, resolve_last
+    from mdlm_kit.io.ckpt import check_resume, is_flat, model_hparams, moved_settings, read_checkpoint, resolve_last
     from mdlm_kit.lightning import LanguageModel
     from mdlm_kit.lightning_gaps import CheckpointHparamsCLI
     from mdlm_kit.utils import check_writable_folder
@@ -158,8 +158,7 @@ def _lightning_cli(argv: list[str] | None) -> None:
             if not stored:
                 return None
             hparams = model_hparams(stored, ckpt.get("mdlm_kit_model"))
-            unknown = sorted(k for k in stored if not k.startswith("_") and k not in hparams) if (
-                "family" in stored or "backbone" in stored) else []
+            unknown = [] if is_flat(stored) else sorted(k for k in stored if not k.startswith("_") and k not in hparams)
             if unknown:
                 logging.getLogger("mdlm_kit").warning(
                     "--ckpt_path %s: ignoring model settings this version does not know: %s", path, ", ".join(unknown))

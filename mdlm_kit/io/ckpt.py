@@ -56,6 +56,11 @@ BACKBONE_KEYS = ("size", "n_layers", "d_model", "n_heads", "cond_dim", "max_seq_
 DIFFUSION_KEYS = ("num_steps", "estimator", "time_conditioning", "seed", "masked_only")
 
 
+def is_flat(hparams: dict) -> bool:
+    """Whether a checkpoint's ``hyper_parameters`` are the flat settings of the classes before ``LanguageModel``."""
+    return "family" not in hparams and "backbone" not in hparams
+
+
 def model_hparams(hparams: dict, kind: str | None = None) -> dict:
     """``LanguageModel``'s arguments from a checkpoint's ``hyper_parameters``: this version's as they are, or the
     flat settings of the two classes before it (``MaskedDiffusionLM``, ``AutoregressiveLM``: ``kind`` or their
@@ -64,7 +69,7 @@ def model_hparams(hparams: dict, kind: str | None = None) -> dict:
     from mdlm_kit.lightning import LanguageModel
 
     h = {k: v for k, v in hparams.items() if not k.startswith("_")}
-    if "family" in h or "backbone" in h:
+    if not is_flat(h):
         return known_kwargs(LanguageModel, h)
     if kind is None:
         kind = "autoregressive" if str(hparams.get("_class_path", "")).endswith("AutoregressiveLM") else "diffusion"
@@ -101,7 +106,7 @@ MOVED = {"compile": (False, "the mdlm_kit.callbacks.CompileBlocks callback"),
 def moved_settings(hparams: dict) -> list[str]:
     """An older checkpoint's settings that ``model_hparams`` does not carry over because they moved out of the
     model, where they differ from their default: ``name=value (where it is set now)``."""
-    if "family" in hparams or "backbone" in hparams:
+    if not is_flat(hparams):
         return []
     return [f"{k}={hparams[k]!r} ({where})" for k, (default, where) in MOVED.items()
             if k in hparams and hparams[k] != default]
