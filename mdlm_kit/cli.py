@@ -406,6 +406,14 @@ def _user_error_in_chain(e: BaseException) -> UserError | None:
     return None
 
 
+def _classes(key: str) -> list[type]:
+    """The classes an option named ``key`` (``model.family``, ``schedule``) takes, when it is one of the toolkit's."""
+    from mdlm_kit.families import FAMILIES
+    from mdlm_kit.schedules import SCHEDULES
+
+    return list({"schedule": SCHEDULES, "family": FAMILIES}.get(key.rsplit(".", 1)[-1], {}).values())
+
+
 def _one_line(msg: str) -> str:
     """jsonargparse's nested report as one line: the option's full key, what is wrong, and the class that said it
     (``model.schedule: Option 'pwoer' is not accepted (by LogLinear)``)."""
@@ -420,13 +428,9 @@ def _one_line(msg: str) -> str:
                 return f"{'.'.join(keys)}: {m.group(2)} (by {cls})"
         elif m := re.match(r"- Problem with given class_path '([^']+)'", ln):
             cls = m.group(1).rsplit(".", 1)[-1]
-        elif (m := re.match(r"Given value: (.*)", ln)) and keys and (cls or keys[-1].endswith((".schedule",
-                                                                                                  ".family"))):
-            from mdlm_kit.families import FAMILIES  # a value no type of the option accepts
-            from mdlm_kit.schedules import SCHEDULES
-
-            known = {"schedule": SCHEDULES, "family": FAMILIES}.get(keys[-1].rsplit(".", 1)[-1], {})
-            choices = f"; choose one of: {', '.join(c.__name__ for c in known.values())}" if known else ""
+        elif (m := re.match(r"Given value: (.*)", ln)) and keys and (cls or _classes(keys[-1])):
+            known = _classes(keys[-1])  # a value no type of the option accepts
+            choices = f"; choose one of: {', '.join(c.__name__ for c in known)}" if known else ""
             return f"{'.'.join(keys)}: invalid value {m.group(1)!r}{choices}" + (f" (by {cls})" if cls else "")
         elif cls and not ln.startswith(("- ", "Given value", "Subtypes", "Errors", "Does not validate")):
             return f"{'.'.join(keys)}: {ln} (by {cls})"
