@@ -1,11 +1,5 @@
-"""Every on-disk format of a model, and the one dispatch that reads them.
-
-- ``ckpt``: the toolkit's Lightning ``.ckpt`` (``mdlm-kit fit``);
-- ``hf``: its Hugging Face export (``mdlm-kit export``; the modeling code travels in the folder);
-- ``mdlm``: checkpoints of the MDLM reference code (its ``.ckpt``, a state dict, its hub folder).
-
-``load_checkpoint(path)`` reads any of them into (model, data module); ``InitWeights`` starts a run from one.
-"""
+"""Every on-disk format of a model (``ckpt``: the toolkit's ``.ckpt``; ``hf``: its Hugging Face export; ``mdlm``: the
+MDLM reference code's checkpoints), ``load_checkpoint`` that reads any of them, and ``InitWeights``."""
 
 from __future__ import annotations
 
@@ -20,12 +14,8 @@ from mdlm_kit.io.mdlm import is_mdlm_checkpoint, load_mdlm_checkpoint
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu", kind: str | None = None):
-    """(model in eval mode, TextDataModule with the checkpoint's tokenizer) from a ``.ckpt`` file, a folder
-    written by ``mdlm-kit export``, or a checkpoint of the MDLM reference code.
-
-    The model is a ``LanguageModel`` of the family that wrote the checkpoint;
-    ``kind`` (``diffusion`` or ``autoregressive``) makes any other kind an error.
-    """
+    """(``LanguageModel`` in eval mode, TextDataModule with the checkpoint's tokenizer) from a ``.ckpt``, an export
+    folder or an MDLM checkpoint; ``kind`` (``diffusion`` or ``autoregressive``) makes any other kind an error."""
     path = Path(path)
     if is_mdlm_checkpoint(path):  # the MDLM reference code's .ckpt, state dict or Hugging Face folder
         if kind == "autoregressive":
@@ -38,12 +28,8 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", kind: str | Non
 
 
 class InitWeights(L.Callback):
-    """Start ``fit`` or ``validate`` from the weights of ``path`` (an mdlm-kit ``.ckpt``, an export folder or an
-    MDLM reference checkpoint) of the same architecture and tokenizer: fine-tuning, or validating an export.
-
-    The weights are loaded once the model and the data are set up, and not when the run resumes from a
-    training checkpoint (``--ckpt_path``), whose weights win.
-    """
+    """Start ``fit`` or ``validate`` from the weights of ``path`` (any ``load_checkpoint`` reads) of the same
+    architecture and tokenizer, unless the run resumes from ``--ckpt_path``, whose weights win."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -73,14 +59,10 @@ class InitWeights(L.Callback):
         if not self.loaded:  # Lightning sets trainer.ckpt_path after setup: a resumed run is told at load time
             self.check(pl_module, trainer.datamodule)
 
-    def load_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._source is not None and not self.loaded and trainer.ckpt_path is None:
             pl_module.backbone.load_state_dict(self._source.backbone.state_dict())
             self._source = self._source_dm = None
             self.loaded = True
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.load_weights(trainer, pl_module)
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.load_weights(trainer, pl_module)
+    on_validation_start = on_fit_start  # validate runs no fit hooks

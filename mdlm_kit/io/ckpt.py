@@ -4,6 +4,7 @@ one got to, the checks before resuming from one, and the model and data module i
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 import torch
@@ -22,12 +23,8 @@ EXPORT_MODEL_TYPE = "mdlm_kit"  # config.json's model_type in a folder written b
 
 
 def run_info(ckpt: dict) -> dict:
-    """How far the run that wrote a ``.ckpt`` got: ``steps``, ``max_steps``, ``stopped_early`` and ``stop_reason``.
-
-    A checkpoint written before ``max_steps`` is reported as stopped early: with the reason the run recorded
-    when it stopped (``max_time``, SIGTERM, ...), or as a checkpoint from the middle of a run. Checkpoints of
-    versions that did not record it give ``None`` for what they do not say.
-    """
+    """How far the run that wrote a ``.ckpt`` got: ``steps``, ``max_steps``, ``stopped_early`` and ``stop_reason``
+    (``None`` where a checkpoint of an older version does not say)."""
     steps = int(ckpt.get("global_step", 0))
     record = ckpt.get(RUN_KEY)
     if record is None:
@@ -43,8 +40,6 @@ def run_info(ckpt: dict) -> dict:
 
 def is_export(path: str | Path) -> bool:
     """A folder written by ``mdlm-kit export`` (read without importing transformers)."""
-    import json
-
     try:
         return json.loads((Path(path) / "config.json").read_text()).get("model_type") == EXPORT_MODEL_TYPE
     except (OSError, ValueError, AttributeError):
@@ -62,10 +57,9 @@ def is_flat(hparams: dict) -> bool:
 
 
 def model_hparams(hparams: dict, kind: str | None = None) -> dict:
-    """``LanguageModel``'s arguments from a checkpoint's ``hyper_parameters``: this version's as they are, or the
-    flat settings of the two classes before it (``MaskedDiffusionLM``, ``AutoregressiveLM``: ``kind`` or their
-    class path says which) as backbone, family, optimizer and learning-rate schedule. Settings no version of
-    ``LanguageModel`` knows are dropped."""
+    """``LanguageModel``'s arguments from a checkpoint's ``hyper_parameters``, settings it does not know dropped:
+    this version's, or the flat settings of the classes before it (``MaskedDiffusionLM``, ``AutoregressiveLM``:
+    ``kind`` or their class path says which) as typed parts."""
     from mdlm_kit.lightning import LanguageModel
 
     h = {k: v for k, v in hparams.items() if not k.startswith("_")}
@@ -104,8 +98,7 @@ MOVED = {"compile": (False, "the mdlm_kit.callbacks.CompileBlocks callback"),
 
 
 def moved_settings(hparams: dict) -> list[str]:
-    """An older checkpoint's settings that ``model_hparams`` does not carry over because they moved out of the
-    model, where they differ from their default: ``name=value (where it is set now)``."""
+    """An older checkpoint's non-default settings that moved out of the model: ``name=value (where it is set now)``."""
     if not is_flat(hparams):
         return []
     return [f"{k}={hparams[k]!r} ({where})" for k, (default, where) in MOVED.items()
@@ -122,7 +115,6 @@ def build_model(ckpt: dict):
 
 
 def check_kind(path, found: str, wanted: str | None) -> None:
-    """A UserError when a command that needs a ``wanted`` model is given a ``found`` one."""
     if wanted is not None and found != wanted:
         need = {"diffusion": "a masked diffusion model", "autoregressive": "an autoregressive model"}[wanted]
         raise UserError(f"{path} holds a {found} model; this command needs {need}")
@@ -135,31 +127,21 @@ def resolve_last(dirpaths: list[str]) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
-def unreadable_checkpoint(path: str | Path, e: Exception) -> Exception:
-    reason = str(e).strip().splitlines()[0].split(". ")[0][:120] if str(e).strip() else type(e).__name__
-    return UserError(f"--ckpt_path {path} is truncated or corrupt ({reason}); resume from another checkpoint "
-                     "(the step checkpoints beside it) or start afresh without --ckpt_path")
-
-
 def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint as Lightning reads it (``weights_only``), memory-mapped where the file system allows (cheap
     for any size); a UserError if it is truncated or corrupt."""
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:
-        pass  # some file systems cannot map files: read it whole before calling it broken
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise unreadable_checkpoint(path, e) from None
+    for mmap in (True, False):  # some file systems cannot map files: read it whole before calling it broken
+        try:
+            return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0].split(". ")[0][:120] if str(e).strip() else type(e).__name__
+    raise UserError(f"--ckpt_path {path} is truncated or corrupt ({reason}); resume from another checkpoint "
+                    "(the step checkpoints beside it) or start afresh without --ckpt_path")
 
 
 def check_resume(path: str | Path, model, training: bool = True) -> None:
-    """Fail with one line, before anything is written, if a run cannot start from ``path``.
-
-    A missing, truncated or corrupt file, one of another model (another vocabulary, size or kind) is
-    refused, and for training (``fit``) one written with weights only. A sharded checkpoint (a folder,
-    FSDP2's distributed format) is left to Lightning.
+    """Fail with one line, before anything is written, if a run cannot start from ``path``: a missing, broken or
+    other model's checkpoint, or for training one with weights only. A sharded one (FSDP2's folder) is Lightning's.
     """
     path = Path(path).expanduser()
     if path.is_dir() and ((path / ".metadata").is_file() or (path / "meta.pt").is_file()):
@@ -180,8 +162,7 @@ def check_resume(path: str | Path, model, training: bool = True) -> None:
     if kind is not None and kind != getattr(model, "kind", kind):
         raise UserError(f"--ckpt_path {path} holds a {kind} model; this run trains a {model.kind} model "
                         "(set model.family as in the run that wrote it)")
-    ours = model.state_dict()
-    theirs = ckpt["state_dict"]
+    ours, theirs = model.state_dict(), ckpt["state_dict"]
     embed = "backbone.embed.weight"
     if embed in ours and embed in theirs and ours[embed].shape[0] != theirs[embed].shape[0]:
         raise UserError(f"--ckpt_path {path} was trained with a vocabulary of {theirs[embed].shape[0]} ids (with "
@@ -219,9 +200,7 @@ def load_ckpt(path: Path, map_location: str = "cpu", kind: str | None = None):
     dm_hparams = dict(ckpt.get("datamodule_hyper_parameters", {}))
     if "separators" in dm_hparams and "packing" not in dm_hparams:  # checkpoints from before data.packing
         dm_hparams["packing"] = "stream" if dm_hparams.pop("separators") else "concat"
-    dm_kwargs = known_kwargs(TextDataModule, dm_hparams)
-    dm = TextDataModule(**dm_kwargs)
-    state = ckpt.get(TextDataModule.__qualname__)
-    if state is not None:
+    dm = TextDataModule(**known_kwargs(TextDataModule, dm_hparams))
+    if (state := ckpt.get(TextDataModule.__qualname__)) is not None:
         dm.load_state_dict(state)
     return model, dm

@@ -1,9 +1,5 @@
-"""The configuration of an mdlm-kit export (config.json, ``model_type: mdlm_kit``).
-
-``mdlm-kit export`` copies this file into the folder beside ``modeling_mdlm_kit.py``, ``config.py`` and ``dit.py``
-(its ``..models.`` imports made folder-relative), so the folder loads with ``trust_remote_code=True`` where mdlm-kit
-is not installed: it may import only transformers and the DiT.
-"""
+"""The configuration of an mdlm-kit export (config.json, ``model_type: mdlm_kit``). Copied into every export folder
+as remote code (``..models.`` imports made folder-relative): it may import only transformers and the DiT's config."""
 
 from __future__ import annotations
 
@@ -13,19 +9,10 @@ from ..models.config import DiTConfig
 
 
 class MdlmKitConfig(PreTrainedConfig):
-    """An mdlm-kit model: its DiT, its kind, and what scores text as in training (``load_export`` reads them).
-
-    Args:
-        kind: ``diffusion`` (``MdlmKitForMaskedLM``) or ``autoregressive`` (``MdlmKitForCausalLM``).
-        dit_config: the fields of the DiT's ``DiTConfig``.
-        schedule: the noise schedule as a config entry (``class_path``, ``init_args``); diffusion only.
-        num_steps: the diffusion's number of time steps (null: continuous time).
-        tokenizer_spec: the tokenizer as mdlm-kit stores it (``mdlm_kit.data.tokenizers.tokenizer_from_dict``).
-        data: the data settings (corpus, split, tokenizer and packing) that rebuild the training run's validation
-            split and pack text as the model was trained on.
-        vocab_size, hidden_size, num_hidden_layers, num_attention_heads, max_position_embeddings, mask_token_id:
-            ``dit_config``'s values under Hugging Face's names, for tools that read them.
-    """
+    """An mdlm-kit model: ``kind`` (``diffusion`` or ``autoregressive``), ``dit_config`` (``DiTConfig``'s fields),
+    the ``schedule`` (a ``class_path`` entry) and ``num_steps`` (null: continuous time) of a diffusion, the
+    ``tokenizer_spec`` and the ``data`` settings that rebuild the validation split; ``vocab_size`` ...
+    ``mask_token_id`` are ``dit_config``'s values under Hugging Face's names."""
 
     model_type = "mdlm_kit"
 

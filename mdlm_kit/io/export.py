@@ -23,29 +23,26 @@ from mdlm_kit.models import dit
 from mdlm_kit.utils import current_umask
 
 MASK_TOKEN = "<|mdlm_mask|>"
-# the data settings config.json keeps: the training run's validation split (corpus and split), its tokenizer and how
-# it packed text; not the batch sizes, workers and cache layout
+# the data settings config.json keeps (the validation split, the tokenizer, the packing), not batch sizes or workers
 DATA_FACTS = ("corpus", "path", "text_key", "val_fraction", "val_docs", "streaming", "tokenizer", "bpe_vocab_size",
               "seq_len", "packing", "insert_eos")
 REMOTE_CODE = (configuration_mdlm_kit, modeling_mdlm_kit, dit_config, dit)  # copied into the folder under their names
 
 
 def hf_tokenizer(tok, mask_id: int, max_len: int | None = None) -> PreTrainedTokenizerFast:
-    """``tok`` (the toolkit's ``Tokenizer``) as a ``PreTrainedTokenizerFast`` that encodes and decodes the same ids,
-    with the model's mask token added as id ``mask_id`` (the last one).
-
-    As in any Hugging Face tokenizer, the special tokens' text (``<bos>``, ``<eos>``, the mask) typed in the input
-    encodes to their ids, where the toolkit's char tokenizer spells it out. Raises ``ValueError`` where the
-    vocabulary does not end right before ``mask_id``.
+    """``tok`` (the toolkit's ``Tokenizer``) as a ``PreTrainedTokenizerFast`` with the same ids and the mask token
+    added as ``mask_id``; a ValueError where the vocabulary does not end right before it. Unlike the toolkit's char
+    tokenizer, it encodes the special tokens' text typed in the input to their ids, as Hugging Face tokenizers do.
     """
     from tokenizers import Tokenizer
 
     from mdlm_kit.data.tokenizers import UNK
 
     backend = Tokenizer.from_str(tok.tok.to_str())  # a copy: adding the mask must not touch the toolkit's tokenizer
-    if backend.token_to_id(MASK_TOKEN) is not None or backend.get_vocab_size(with_added_tokens=True) != mask_id:
-        raise ValueError(f"the tokenizer's vocabulary ({backend.get_vocab_size(with_added_tokens=True)} ids) does "
-                         f"not end right before the model's mask id {mask_id}")
+    size = backend.get_vocab_size(with_added_tokens=True)
+    if backend.token_to_id(MASK_TOKEN) is not None or size != mask_id:
+        raise ValueError(f"the tokenizer's vocabulary ({size} ids) does not end right before the model's mask id "
+                         f"{mask_id}")
     fast = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=tok.bos, eos_token=tok.eos, pad_token=tok.pad or tok.eos,
         mask_token=MASK_TOKEN, clean_up_tokenization_spaces=False, model_max_length=max_len or int(1e30),
@@ -57,10 +54,8 @@ def hf_tokenizer(tok, mask_id: int, max_len: int | None = None) -> PreTrainedTok
 
 
 def _checkpoint_weights(path: Path, model, ema: bool) -> str:
-    """Load the weights to export into ``model``; return which they are (``ema`` or ``raw``).
-
-    Lightning's weight averaging (``EMAWeightAveraging``) saves the averaged weights as ``state_dict``, the
-    ones every mdlm-kit command uses, and the trained ones as ``current_model_state``.
+    """Load the weights to export into ``model``; return which they are (``ema`` or ``raw``). Lightning's
+    ``EMAWeightAveraging`` saves the averaged weights as ``state_dict`` and the trained ones as ``current_model_state``.
     """
     try:  # memory-mapped: the second read of a large checkpoint costs little
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
@@ -70,11 +65,10 @@ def _checkpoint_weights(path: Path, model, ema: bool) -> str:
     averaging = averaged or any("WeightAveraging" in str(k) for k in ckpt.get("callbacks", {}))
     if ema:
         return "ema" if averaging else "raw"
+    if averaging and not averaged:
+        raise UserError(f"{path} holds only the averaged weights (saved after training); export them with --ema true")
     if averaged:
         model.load_state_dict(ckpt["current_model_state"])
-        return "raw"
-    if averaging:
-        raise UserError(f"{path} holds only the averaged weights (saved after training); export them with --ema true")
     return "raw"
 
 
@@ -150,13 +144,10 @@ def write_remote_code(folder: Path) -> None:
 
 
 def export(checkpoint: str, out: str, ema: bool = True, overwrite: bool = False) -> dict:
-    """Write a checkpoint as a Hugging Face model folder: config.json, model.safetensors, the modeling code and
-    the tokenizer.
-
-    The folder loads with ``AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True)``
-    (``AutoModelForCausalLM`` for the autoregressive baseline), with ``AutoTokenizer.from_pretrained(out)``, and
-    wherever the mdlm-kit command takes ``--checkpoint``. It is written to a temporary folder beside ``out``
-    and renamed into place: ``out`` is never left half-written.
+    """Write a checkpoint as a Hugging Face model folder (config.json, model.safetensors, the modeling code, the
+    tokenizer) that loads with ``AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True)``
+    (``AutoModelForCausalLM`` for the autoregressive baseline), ``AutoTokenizer`` and every ``--checkpoint``.
+    It is written beside ``out`` and renamed into place: ``out`` is never left half-written.
 
     Args:
         checkpoint: a ``.ckpt`` written by ``mdlm-kit fit``, a folder written by ``mdlm-kit export``, or a
@@ -190,9 +181,9 @@ def export(checkpoint: str, out: str, ema: bool = True, overwrite: bool = False)
         weights = _checkpoint_weights(ckpt_path, model, ema)
     hf = build_hf_model(model, dm)
     try:
-        tokenizer, tokenizer_note = hf_tokenizer(dm.tokenizer, model.mask_id, model.config.max_seq_len), None
+        tokenizer, note = hf_tokenizer(dm.tokenizer, model.mask_id, model.config.max_seq_len), {}
     except ValueError as e:  # the toolkit loads the export without it (config.json's tokenizer_spec)
-        tokenizer, tokenizer_note = None, f"no AutoTokenizer files: {e}"
+        tokenizer, note = None, {"note": f"no AutoTokenizer files: {e}"}
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
     except PermissionError:
@@ -219,9 +210,6 @@ def export(checkpoint: str, out: str, ema: bool = True, overwrite: bool = False)
             hf_logging.enable_progress_bar()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    summary = {"out": str(out_path), "files": files, "num_parameters": hf.backbone.num_parameters(),
-               "vocab_size": model.config.vocab_size, "kind": model.kind, "weights": weights,
-               "auto_tokenizer": tokenizer is not None}
-    if tokenizer_note:
-        summary["note"] = tokenizer_note
-    return summary
+    return {"out": str(out_path), "files": files, "num_parameters": hf.backbone.num_parameters(),
+            "vocab_size": model.config.vocab_size, "kind": model.kind, "weights": weights,
+            "auto_tokenizer": tokenizer is not None, **note}

@@ -1,12 +1,5 @@
-"""The Hugging Face export read back: ``load_export``, and the export's classes registered with the Auto classes.
-
-A folder written by ``mdlm-kit export`` carries its modeling code (``configuration_mdlm_kit``, ``modeling_mdlm_kit``
-and the DiT) and loads with ``AutoModelForMaskedLM.from_pretrained(DIR, trust_remote_code=True)``
-(``AutoModelForCausalLM`` for the autoregressive kind) without mdlm-kit. Importing this module registers the same
-classes with the Auto classes, so in this process the folder loads without ``trust_remote_code``.
-``load_export`` (every ``--checkpoint`` of the ``mdlm-kit`` command) rebuilds the toolkit's LightningModule and
-data module from config.json and the safetensors weights.
-"""
+"""The Hugging Face export read back into the toolkit (``load_export``). Importing this module registers the export's
+classes with the Auto classes, so in this process an export loads without ``trust_remote_code``."""
 
 from __future__ import annotations
 
@@ -53,12 +46,8 @@ def _read_weights(folder: Path, device: str) -> dict[str, Tensor]:
 
 
 def load_export(path: str | Path, map_location: str = "cpu", kind: str | None = None):
-    """(model in eval mode, TextDataModule with the export's tokenizer) from a folder written by ``export``.
-
-    The same contract as ``mdlm_kit.io.load_checkpoint``: a ``LanguageModel`` built from config.json's DiT, kind,
-    schedule and ``num_steps`` (constructor defaults for the training settings), with the
-    weights of the safetensors file(s); ``kind`` (``diffusion`` or ``autoregressive``) makes any other kind an error.
-    """
+    """``mdlm_kit.io.load_checkpoint`` for a folder written by ``export``: the ``LanguageModel`` of config.json's DiT,
+    kind, schedule and ``num_steps`` (constructor defaults for the training settings) and the data module."""
     from mdlm_kit.data import TextDataModule
     from mdlm_kit.families import FAMILIES, MaskedDiffusion
     from mdlm_kit.lightning import LanguageModel
@@ -84,11 +73,10 @@ def load_export(path: str | Path, map_location: str = "cpu", kind: str | None = 
     config = DiTConfig(**{k: v for k, v in dit.items() if k in DiTConfig.__dataclass_fields__})
     model = LanguageModel(config.vocab_size, Backbone.of(config), family)
     state = _read_weights(path, map_location)
-    prefix = "backbone."
-    if any(not k.startswith(prefix) for k in state):
-        raise UserError(f"{path}: weights outside the backbone ({next(k for k in state if not k.startswith(prefix))})")
+    if outside := [k for k in state if not k.startswith("backbone.")]:
+        raise UserError(f"{path}: weights outside the backbone ({outside[0]})")
     try:
-        model.backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items()})
+        model.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()})
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit the model described in it ({str(e).splitlines()[0]})") from None
     model.eval()

@@ -1,8 +1,5 @@
-"""The models of an mdlm-kit export: the DiT under Hugging Face's ``PreTrainedModel``.
-
-Copied into every export folder as remote code, as ``configuration_mdlm_kit.py`` is: it may import only torch,
-transformers, that file and the DiT.
-"""
+"""The models of an mdlm-kit export: the DiT under Hugging Face's ``PreTrainedModel``. Copied into every export
+folder as remote code: it may import only torch, transformers, ``configuration_mdlm_kit`` and the DiT."""
 
 from __future__ import annotations
 
@@ -41,13 +38,10 @@ class MdlmKitPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
-        """The DiT's own initialization (``DiT.reset_parameters``), not transformers' generic normal(0.02).
-
-        ``from_pretrained`` runs this after loading: under transformers' guard, the init functions skip every
-        tensor it loaded (flag ``_is_hf_initialized``), so loaded weights stay bit-exact and only what the
-        file lacks is initialized, among them the rotary tables (non-persistent buffers, left empty by the
-        meta-device construction).
-        """
+        """The DiT's own initialization, not transformers' normal(0.02). ``from_pretrained`` runs it after loading:
+        under transformers' guard the init functions skip every loaded tensor (``_is_hf_initialized``), so only
+        what the file lacks is initialized, such as the rotary tables (non-persistent, empty after meta-device
+        construction)."""
         with hf_init.guard_torch_init_functions():
             self.backbone.reset_parameters()
         for name, module in self.named_modules():
@@ -69,21 +63,17 @@ class MdlmKitPreTrainedModel(PreTrainedModel):
 
 
 class MdlmKitForMaskedLM(MdlmKitPreTrainedModel):
-    """A masked diffusion model: ``forward(input_ids, cond=...) -> MaskedLMOutput(logits)``.
-
-    ``logits`` (B, S, vocab_size) are the DiT's raw scores, the mask token's column (the last id) included;
-    mdlm-kit's objective and samplers never predict the mask (SUBS: its logit is -inf) and carry unmasked
-    tokens over.
+    """A masked diffusion model: ``forward(input_ids, cond=...) -> MaskedLMOutput(logits)``, the DiT's raw scores
+    with the mask's column (the last id); mdlm-kit never predicts the mask (SUBS) and carries unmasked tokens over.
     """
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cond: Tensor | None = None,
                 return_dict: bool | None = None, **kwargs) -> MaskedLMOutput | tuple[Tensor]:
         """Args:
-            input_ids: (B, S) token ids, the mask id (``config.mask_token_id``) where a token is masked.
-            attention_mask: accepted and ignored: the model attends to every position, as in training
-                (padding is a token it saw there, left out only of the loss).
-            cond: (B,) mask rate 1 - alpha(t) of each sequence; required by time-conditioned models
-                (``dit_config.time_conditioning``), ignored by time-agnostic ones.
+            input_ids: (B, S) token ids, ``config.mask_token_id`` where a token is masked.
+            attention_mask: ignored: every position is attended to, as in training (padding is left out only of
+                the loss).
+            cond: (B,) mask rate 1 - alpha(t) of each sequence; required by time-conditioned models only.
         """
         logits = self.backbone(input_ids, cond)  # (B, S, V)
         return (logits,) if return_dict is False else MaskedLMOutput(logits=logits)
@@ -91,19 +81,14 @@ class MdlmKitForMaskedLM(MdlmKitPreTrainedModel):
 
 class MdlmKitForCausalLM(MdlmKitPreTrainedModel, GenerationMixin):
     """The autoregressive baseline: ``forward(input_ids) -> CausalLMOutput(logits)``, position l predicting l+1.
-
-    Sequences start with the start token, which is the mask id (``config.bos_token_id``); the model never
-    predicts it (``generation_config.suppress_tokens``). No key/value cache: ``generate`` recomputes the prefix.
-    """
+    Sequences start with the mask id as start token (``config.bos_token_id``), which is never predicted; no
+    key/value cache: ``generate`` recomputes the prefix."""
 
     causal = True
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, return_dict: bool | None = None,
                 **kwargs) -> CausalLMOutput | tuple[Tensor]:
-        """Args:
-            input_ids: (B, S) token ids, the first being the start token (the mask id).
-            attention_mask: accepted and ignored (causal attention over every position; pad on the right).
-        """
+        """``attention_mask`` is ignored (causal attention over every position; pad on the right)."""
         logits = self.backbone(input_ids, None)  # (B, S, V)
         return (logits,) if return_dict is False else CausalLMOutput(logits=logits)
 
