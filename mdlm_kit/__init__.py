@@ -1,8 +1,5 @@
-"""mdlm-kit: masked (absorbing-state) discrete diffusion language models.
-
-Importing the package is cheap and side-effect free; the Lightning glue lives
-in ``mdlm_kit.lightning`` and the data pipeline in ``mdlm_kit.data``.
-"""
+"""mdlm-kit: masked (absorbing-state) discrete diffusion language models. Importing it is cheap and side-effect
+free; the Lightning glue is in ``mdlm_kit.lightning``, the data pipeline in ``mdlm_kit.data``."""
 
 from mdlm_kit.errors import UserError
 from mdlm_kit.schedules import SCHEDULES, Schedule, make_schedule

@@ -1,14 +1,8 @@
-"""What training needs beside the model: crash-safe checkpoints (atomic files, a checkpoint at the end of every
-run), the non-finite guard, and the backbone's compile and FSDP2 sharding.
-
-``mdlm-kit fit`` installs both; with the Python API pass them to the ``Trainer`` yourself::
+"""What training needs beside the model: crash-safe checkpoints (atomic files, ``last.ckpt`` at the end of every run
+and on SIGTERM), the non-finite guard, the step progress bar, compile and FSDP2 sharding. ``mdlm-kit fit`` installs
+them; with the Python API pass them to the ``Trainer`` yourself::
 
     Trainer(plugins=[AtomicCheckpointIO()], callbacks=[ModelCheckpoint(save_last=True), FinalCheckpoint()])
-
-What a checkpoint holds: model, optimizer, learning-rate scheduler, EMA weights (Lightning's
-``EMAWeightAveraging``), the data position (``TextDataModule.state_dict``) and the global random
-number generators (``LanguageModel.on_save_checkpoint``), so ``--ckpt_path last`` continues a killed
-run with the same per-step losses an uninterrupted run has.
 """
 
 from __future__ import annotations
@@ -33,31 +27,24 @@ RUN_KEY = "mdlm_kit_run"  # written into every .ckpt by FinalCheckpoint: max_ste
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` into a temporary file beside the target, synced to disk, then renamed over it.
-
-    A process killed part-way (SIGKILL, out of memory, a node failure) leaves the previous checkpoint
-    intact, never a truncated ``last.ckpt``. Lightning's own save buffers the whole checkpoint in memory
-    and writes it through fsspec, whose local "transaction" stages the file in the system temp folder and
-    moves it: a copy, not a rename, when that folder is on another disk. Temporary files of processes
-    that died on this machine are removed at the next save.
-    """
+    """``torch.save`` into a temporary file beside the target, synced to disk, then renamed over it: a process killed
+    part-way leaves the previous checkpoint intact. (Lightning's own save goes through fsspec, whose "transaction"
+    stages the file in the system temp folder and copies it over when that folder is on another disk.)"""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):  # remote storage: fsspec's own transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
-        remove_stale_temps(path)
+        remove_stale_temps(path)  # of processes that died on this machine
         atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp), durable=True)
 
 
 class StepProgressBar(RichProgressBar):
-    """Lightning's rich progress bar for runs counted in steps: the step against ``max_steps`` beside the
-    metrics, and "Epoch N" without the "/-2" Lightning prints when ``max_epochs`` is unbounded (-1)."""
+    """Lightning's rich progress bar with the step against ``max_steps`` beside the metrics, and "Epoch N" without
+    the "/-2" Lightning prints when ``max_epochs`` is unbounded (-1)."""
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         items = super().get_metrics(trainer, pl_module)
-        if trainer.max_steps != -1:
-            items = {"step": f"{trainer.global_step}/{trainer.max_steps}", **items}
-        return items
+        return items if trainer.max_steps == -1 else {"step": f"{trainer.global_step}/{trainer.max_steps}", **items}
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
@@ -65,35 +52,26 @@ class StepProgressBar(RichProgressBar):
 
     def retitle(self, trainer: L.Trainer) -> None:
         if self.progress is not None and self.train_progress_bar_id is not None:
-            title = f"Epoch {trainer.current_epoch}"  # Lightning's title reads "Epoch 0/-2" when max_epochs is -1
-            if trainer.max_epochs not in (None, -1):
-                title += f"/{trainer.max_epochs - 1}"
-            self.progress.update(self.train_progress_bar_id, description=title)
+            of = f"/{trainer.max_epochs - 1}" if trainer.max_epochs not in (None, -1) else ""
+            self.progress.update(self.train_progress_bar_id, description=f"Epoch {trainer.current_epoch}{of}")
 
 
-def _checkpoint_callbacks(trainer: L.Trainer) -> list[ModelCheckpoint]:
-    return [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.save_last]
+def _epochs_done(trainer: L.Trainer) -> bool:
+    max_epochs = trainer.max_epochs
+    return max_epochs not in (None, -1) and trainer.fit_loop.epoch_progress.current.processed >= max_epochs
 
 
 class FinalCheckpoint(Checkpoint):
-    """Writes ``last.ckpt`` after the last step of a run, and after the current step on SIGTERM.
+    """Writes the last checkpoint of every ``ModelCheckpoint(save_last=True)`` after the last step of a run, and
+    after the current step on SIGTERM: ``ModelCheckpoint`` saves every N steps, so a run ending between two saves
+    (``max_time``), or a cluster's SIGTERM, would lose the steps since. It saves at the end of the optimizer step, where
+    ``ModelCheckpoint`` does, so resuming continues exactly (``on_train_end`` would record the epoch as complete); as
+    a ``Checkpoint`` it runs after the other callbacks (EMA has averaged the step). A stop asked for inside a
+    gradient-accumulation window waits for the window's optimizer step.
 
-    Lightning's ``ModelCheckpoint`` saves every N steps (or at validation), so a run ending between two
-    saves (``max_steps`` not a multiple of N, ``max_time``) would lose its last steps, and a cluster's
-    SIGTERM (preemption, the end of a time limit) everything since the last save. This saves the last
-    checkpoint of every ``ModelCheckpoint(save_last=True)`` at the end of the optimizer step that ends the
-    run, the point ``ModelCheckpoint`` itself saves at, so resuming from it continues exactly (a save in
-    ``on_train_end`` would record the interrupted epoch as complete). As a ``Checkpoint`` it runs after the
-    other callbacks (EMA has averaged this step; a timer has asked to stop).
-
-    - Gradient accumulation: a stop asked for in the middle of an accumulation window waits for the window's
-      optimizer step (the gradients accumulated so far are in no checkpoint).
-    - SIGTERM: during training this replaces Lightning's handler, which stops mid-validation or mid-window
-      and, with several processes, broadcasts from inside the signal handler (a collective mismatch). The
-      signal is only noted; the processes agree on it at the next optimizer step's end, save, and stop with
-      Lightning's ``SIGTERMException`` (``mdlm-kit fit`` exits with status 143).
-    - The save goes through ``trainer.save_checkpoint`` into the path ``ModelCheckpoint`` names its last
-      checkpoint, without touching that callback's own state, so it still makes the saves it owes that step.
+    It replaces Lightning's SIGTERM handler during training, which stops mid-validation or mid-window and, with several
+    processes, broadcasts inside the signal handler (a collective mismatch): the signal is only noted, and the
+    processes agree on it at the next optimizer step's end, save, and raise Lightning's ``SIGTERMException``.
     """
 
     def __init__(self) -> None:
@@ -114,28 +92,26 @@ class FinalCheckpoint(Checkpoint):
             self._previous_handler = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        loop = trainer.fit_loop
-        max_steps = loop.max_steps != -1 and trainer.global_step >= loop.max_steps
+        max_steps = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
         flags = [float(max_steps or trainer.should_stop or self._held_stop), float(self._sigterm)]
         if trainer.world_size > 1:  # a signal reaches the processes at different times: all must agree
             flags = trainer.strategy.reduce(torch.tensor(flags, device=pl_module.device), reduce_op="sum").tolist()
-        stopping, sigterm = flags[0] > 0, flags[1] > 0
-        if not (stopping or sigterm):
+        if not any(flags):
             return
-        if mid_window(trainer):  # finish the window first
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        final = progress.is_last_batch or progress.current.ready == trainer.num_training_batches
+        if progress.current.ready % trainer.accumulate_grad_batches != 0 and not final:  # finish the window first
             if trainer.should_stop:
                 trainer.should_stop, self._held_stop = False, True
             return
         if self._held_stop:
             trainer.should_stop, self._held_stop = True, False
         self._save(trainer)
-        if sigterm and not max_steps:
+        if flags[1] > 0 and not max_steps:
             raise SIGTERMException()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loop = trainer.fit_loop
-        if trainer.should_stop or (loop.max_epochs not in (None, -1)
-                                   and loop.epoch_progress.current.processed >= loop.max_epochs):
+        if trainer.should_stop or _epochs_done(trainer):
             self._save(trainer)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
@@ -145,50 +121,35 @@ class FinalCheckpoint(Checkpoint):
     def _save(self, trainer: L.Trainer) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
-        for cb in _checkpoint_callbacks(trainer):
-            path = cb.format_checkpoint_name({}, cb.CHECKPOINT_NAME_LAST)
-            cb.last_model_path = path  # before the save: it is part of the state saved
-            trainer.save_checkpoint(path)
-            if trainer.is_global_zero:
-                log.info("saved %s at step %d", path, trainer.global_step)
-
-
-def mid_window(trainer: L.Trainer) -> bool:
-    """Whether the batch just trained is inside a gradient-accumulation window (no optimizer step after it)."""
-    progress = trainer.fit_loop.epoch_loop.batch_progress
-    final = progress.is_last_batch or progress.current.ready == trainer.num_training_batches
-    return progress.current.ready % trainer.accumulate_grad_batches != 0 and not final
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.save_last:
+                path = cb.format_checkpoint_name({}, cb.CHECKPOINT_NAME_LAST)
+                cb.last_model_path = path  # before the save: it is part of the state saved
+                trainer.save_checkpoint(path)
+                if trainer.is_global_zero:
+                    log.info("saved %s at step %d", path, trainer.global_step)
 
 
 def stop_reason(trainer: L.Trainer, sigterm: bool = False) -> str | None:
-    """Why the run stops before ``max_steps`` at the current step (``max_time``, SIGTERM, ``max_epochs``, a callback);
-    None when it has reached ``max_steps`` or goes on."""
-    step, max_steps = trainer.global_step, trainer.max_steps
-    if max_steps != -1 and step >= max_steps:
+    """Why the run stops before ``max_steps`` at the current step; None when it has reached them or goes on."""
+    if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
         return None
-    timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
-    remaining = timer.time_remaining("train") if timer is not None else None
     if sigterm:
         return "SIGTERM"
-    if remaining is not None and remaining <= 0:
+    timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+    if timer is not None and (remaining := timer.time_remaining("train")) is not None and remaining <= 0:
         return f"trainer.max_time reached after {timer.time_elapsed('train'):.0f} s of training"
-    max_epochs = trainer.max_epochs
-    if max_epochs not in (None, -1) and trainer.fit_loop.epoch_progress.current.processed >= max_epochs:
-        return f"max_epochs ({max_epochs}) reached"
-    if trainer.should_stop:
-        return "a callback stopped it (trainer.should_stop)"
-    return None
+    if _epochs_done(trainer):
+        return f"max_epochs ({trainer.max_epochs}) reached"
+    return "a callback stopped it (trainer.should_stop)" if trainer.should_stop else None
 
 
 class NonFiniteGuard(L.Callback):
-    """A non-finite loss or gradient stops the run before the optimizer step, with one line naming the step
-    and the last good checkpoint, and nothing is saved after it (``ModelCheckpoint(save_on_exception)``
-    included); with ``action="skip"`` (``mdlm-kit fit --on_nonfinite skip``) the step is skipped instead (no
-    update; logged as ``train/skipped_steps``), and 10 such steps in a row still stop the run. Under 16-bit mixed
-    precision the gradient scaler skips overflowing steps itself. The LightningModule keeps its last training loss
-    as ``last_loss``; every process reaches the same decision (the gradients are all-reduced, the flags too).
-    Put it after the callbacks that change gradients: it checks what the optimizer is about to apply.
-    """
+    """A non-finite loss (the module's ``last_loss``) or gradient stops the run before the optimizer step, with one
+    line naming the step and the last good checkpoint; nothing is saved after it (``save_on_exception`` included).
+    ``action="skip"`` skips the step instead (``train/skipped_steps``); ``max_consecutive`` in a row still stop the run.
+    The gradient scaler of 16-bit mixed precision skips overflowing steps itself. Every process decides alike (flags
+    all-reduced). Put it after the callbacks that change gradients: it checks what the optimizer is about to apply."""
 
     def __init__(self, action: Literal["stop", "skip"] = "stop", max_consecutive: int = 10) -> None:
         if action not in ("stop", "skip"):
@@ -200,24 +161,14 @@ class NonFiniteGuard(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self.saved_step = trainer.global_step
 
-    def last_good(self, trainer: L.Trainer) -> tuple[str, int] | None:
-        if self.saved_step is None:
-            return None
-        paths = [Path(p) for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
-                 for p in (cb.last_model_path, cb.best_model_path) if p and Path(p).is_file()]
-        return (str(max(paths, key=lambda p: p.stat().st_mtime)), self.saved_step) if paths else None
-
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             return
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: each rank's shard
-        loss = getattr(pl_module, "last_loss", None)
-        flags = torch.stack([
-            (~torch.isfinite(loss)).float() if loss is not None else torch.zeros((), device=pl_module.device),
-            (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float() if grads else
-            torch.zeros((), device=pl_module.device),
-        ])
+        loss, zero = getattr(pl_module, "last_loss", None), torch.zeros((), device=pl_module.device)
+        bad_grads = (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float() if grads else zero
+        flags = torch.stack([zero if loss is None else (~torch.isfinite(loss)).float(), bad_grads])
         local_loss = bool(flags[0])  # the one host synchronization of the check
         if trainer.world_size > 1:
             flags = trainer.strategy.reduce(flags, reduce_op="sum")
@@ -228,21 +179,22 @@ class NonFiniteGuard(L.Callback):
                 if flags[0] > 0 else "gradient")
         step = trainer.global_step
         self.skips += 1
-        action = self.action
-        if action == "skip" and self.skips <= self.max_consecutive:
+        if self.action == "skip" and self.skips <= self.max_consecutive:
             if trainer.is_global_zero:
                 log.warning("non-finite %s at step %d: step skipped (--on_nonfinite skip)", what, step)
             pl_module.log("train/skipped_steps", float(self.skips), reduce_fx="max")
             for p in pl_module.parameters():  # AdamW leaves parameters without a gradient untouched
                 p.grad = None
             return
-        for cb in trainer.checkpoint_callbacks:  # nothing is saved past this point
+        paths = []
+        for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint):
-                cb.save_on_exception = False
-        saved = self.last_good(trainer)
-        kept = f"the last good checkpoint is {saved[0]} (step {saved[1]})" if saved else "no checkpoint was written"
+                cb.save_on_exception = False  # nothing is saved past this point
+                paths += [Path(p) for p in (cb.last_model_path, cb.best_model_path) if p and Path(p).is_file()]
+        kept = (f"the last good checkpoint is {max(paths, key=lambda p: p.stat().st_mtime)} (step {self.saved_step})"
+                if paths and self.saved_step is not None else "no checkpoint was written")
         fix = ("lower the learning rate or set trainer.gradient_clip_val, then resume with --ckpt_path last; or "
-               "add --on_nonfinite skip to skip such steps" if action == "stop" else
+               "add --on_nonfinite skip to skip such steps" if self.action == "stop" else
                f"{self.skips} steps in a row were non-finite, so the weights are broken: resume from it with a "
                "lower learning rate")
         raise UserError(f"non-finite {what} at step {step}; training stopped without saving; {kept}; {fix}")

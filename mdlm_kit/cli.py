@@ -1,20 +1,14 @@
-"""The ``mdlm-kit`` command.
-
-- ``mdlm-kit fit|validate --config configs/X.yaml [...]``: LightningCLI over
-  ``LanguageModel`` and ``TextDataModule`` (``--print_config`` works).
-- ``mdlm-kit generate --checkpoint CKPT --sampler fhs ...``: samples as JSON lines.
-- ``mdlm-kit ppl --checkpoint CKPT [...]``: the perplexity benchmark (bound with error bars) as JSON.
-- ``mdlm-kit genppl --samples F.jsonl --scorer NAME|AR.ckpt``: generative perplexity and diversity.
-- ``mdlm-kit report --checkpoint CKPT``: validation NELBO, unigram entropy and bits per
-  character of a trained checkpoint, as one JSON line.
-
-Mistakes a user can make (bad paths, bad values, unknown keys) print one
-``mdlm-kit: error: ...`` line and exit with status 2.
+"""The ``mdlm-kit`` command: ``fit``/``validate`` are LightningCLI over ``LanguageModel`` and ``TextDataModule``;
+every other command is one typed function (USAGE lists them). Mistakes a user can make (bad paths, bad values,
+unknown keys) print one ``mdlm-kit: error: ...`` line and exit with status 2.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -51,37 +45,25 @@ Run `mdlm-kit COMMAND --help` for the options of a command.
 """
 
 
+def _keep_record(record: logging.LogRecord) -> bool:
+    """Lightning's advertising ("Tip:"), the seed line (the seed is in the run's config.yaml) and idle devices
+    ("TPU available: False": only a device in use is worth a line) are dropped."""
+    msg = str(record.msg)
+    return not ("Tip:" in msg or msg.startswith("Seed set to") or " available: False" in msg)
+
+
 def _quiet_lightning() -> None:
-    """Drop advertising and upstream deprecation noise from Lightning's output; keep everything else."""
-    import logging
     import warnings
 
-    class _NoTips(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "Tip:" not in str(record.msg)
-
-    class _NoSeedLine(logging.Filter):  # the seed is in the run's config.yaml
-        def filter(self, record: logging.LogRecord) -> bool:
-            return not str(record.msg).startswith("Seed set to")
-
-    class _NoIdleDevices(logging.Filter):  # "TPU available: False": only a device in use is worth a line
-        def filter(self, record: logging.LogRecord) -> bool:
-            msg = str(record.msg)
-            return not (" available: " in msg and msg.split(" available: ")[1].startswith("False"))
-
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch"):
-        logging.getLogger(name).addFilter(_NoTips())
-        logging.getLogger(name).addFilter(_NoIdleDevices())
-    for name in ("lightning.fabric.utilities.seed", "lightning.pytorch.utilities.seed"):
-        logging.getLogger(name).addFilter(_NoSeedLine())
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch", "lightning.fabric.utilities.seed",
+                 "lightning.pytorch.utilities.seed"):
+        logging.getLogger(name).addFilter(_keep_record)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # every model defines configure_model (for FSDP2), and EMA with FSDP2 is refused with its own message
     warnings.filterwarnings("ignore", message=r".*WeightAveraging callback with a model that overrides the configure_m")
 
 
 def _lightning_cli(argv: list[str] | None) -> None:
-    import logging
-
     from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, RichProgressBar
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -99,15 +81,14 @@ def _lightning_cli(argv: list[str] | None) -> None:
     class MdlmCLI(CheckpointHparamsCLI):
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
-            full = LightningCLI.subcommands()
-            return {k: full[k] for k in LIGHTNING_COMMANDS}
+            return {k: LightningCLI.subcommands()[k] for k in LIGHTNING_COMMANDS}
 
         def add_arguments_to_parser(self, parser) -> None:
-            # masked diffusion unless the config names another family (model.family: Autoregressive)
-            parser.set_defaults({"model.family": {"class_path": "mdlm_kit.families.MaskedDiffusion"}})
-            # the data module shards each global batch by rank itself (the same samples, and noise, for any
-            # number of processes) and resumes mid-epoch; Lightning's DistributedSampler would do neither
-            parser.set_defaults({"trainer.use_distributed_sampler": False})
+            # masked diffusion unless the config names another family; the data module shards each global batch by
+            # rank itself (the same samples, and noise, for any number of processes) and resumes mid-epoch, which
+            # Lightning's DistributedSampler would not
+            parser.set_defaults({"model.family": {"class_path": "mdlm_kit.families.MaskedDiffusion"},
+                                 "trainer.use_distributed_sampler": False})
             parser.link_arguments("data.model_vocab_size", "model.vocab_size", apply_on="instantiate")
             parser.add_argument("--checkpoint", type=str | None, default=None,
                                 help="start from these weights (an mdlm-kit .ckpt, an export folder or an MDLM "
@@ -119,58 +100,65 @@ def _lightning_cli(argv: list[str] | None) -> None:
 
         def _place_outputs(self) -> None:
             """Checkpoints in DIR/checkpoints (last.ckpt always, written atomically, also at the end of the run
-            and on SIGTERM), CSV and TensorBoard logs under DIR."""
-            trainer = self.trainer
+            and on SIGTERM), CSV and TensorBoard logs under DIR; the toolkit's callbacks unless the config has them."""
+            trainer, cfg, callbacks = self.trainer, self.config[self.subcommand], self.trainer.callbacks
             root = Path(trainer.default_root_dir)
             for cb in trainer.checkpoint_callbacks:
                 if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
-                    cb.dirpath = str(root / "checkpoints")
-                    cb.save_last = True
+                    cb.dirpath, cb.save_last = str(root / "checkpoints"), True
             if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the user chose
                 trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-            for i, cb in enumerate(trainer.callbacks):  # Lightning's default bar, not one the user chose
-                if type(cb) is RichProgressBar:
-                    trainer.callbacks[i] = StepProgressBar()
-            if not any(isinstance(cb, NonFiniteGuard) for cb in trainer.callbacks):
+            # Lightning's default bar, not one the user chose
+            callbacks[:] = [StepProgressBar() if type(cb) is RichProgressBar else cb for cb in callbacks]
+            if not any(isinstance(cb, NonFiniteGuard) for cb in callbacks):
                 # after every callback that touches gradients (its check must see what the optimizer will),
                 # before the checkpoint callbacks (Lightning runs those last)
-                at = next((i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, Checkpoint)),
-                          len(trainer.callbacks))
-                trainer.callbacks.insert(at, NonFiniteGuard(self.config[self.subcommand].on_nonfinite))
+                at = next((i for i, cb in enumerate(callbacks) if isinstance(cb, Checkpoint)), len(callbacks))
+                callbacks.insert(at, NonFiniteGuard(cfg.on_nonfinite))
             if isinstance(trainer.strategy, ModelParallelStrategy) and not any(
-                    isinstance(cb, FSDP2Sharding) for cb in trainer.callbacks):
-                trainer.callbacks.insert(0, FSDP2Sharding())
-            if not any(isinstance(cb, FinalCheckpoint) for cb in trainer.callbacks):
-                trainer.callbacks.append(FinalCheckpoint())  # after ModelCheckpoint: it saves first when due
-            cfg = self.config[self.subcommand]
+                    isinstance(cb, FSDP2Sharding) for cb in callbacks):
+                callbacks.insert(0, FSDP2Sharding())
+            if not any(isinstance(cb, FinalCheckpoint) for cb in callbacks):
+                callbacks.append(FinalCheckpoint())  # after ModelCheckpoint: it saves first when due
             if cfg.get("checkpoint") and self.resume_path() is None:  # a resumed run's own weights win
-                trainer.callbacks.insert(0, InitWeights(cfg.checkpoint))
-            if self.config[self.subcommand].trainer.logger in (None, True):
+                callbacks.insert(0, InitWeights(cfg.checkpoint))
+            if cfg.trainer.logger in (None, True):
                 trainer.loggers = [CSVLogger(str(root), name="csv")]
                 if importlib.util.find_spec("tensorboard") is not None:  # the [tensorboard] extra
                     trainer.loggers.append(TensorBoardLogger(str(root), name="tensorboard", default_hp_metric=False))
 
         def checkpoint_hparams(self, path: str) -> dict | None:
-            """The model settings of ``--ckpt_path``, which override the config's: a broken file is one line, and
-            settings this version does not know (another version's checkpoint) are dropped with a warning."""
+            """The model settings of ``--ckpt_path``, which override the config's; settings this version does not
+            know (another version's checkpoint) are dropped with a warning."""
             ckpt = read_checkpoint(path)
             stored = dict(ckpt.get("hyper_parameters") or {})
             if not stored:
                 return None
             hparams = model_hparams(stored, ckpt.get("mdlm_kit_model"))
+            log = logging.getLogger("mdlm_kit")
             unknown = [] if is_flat(stored) else sorted(k for k in stored if not k.startswith("_") and k not in hparams)
             if unknown:
-                logging.getLogger("mdlm_kit").warning(
-                    "--ckpt_path %s: ignoring model settings this version does not know: %s", path, ", ".join(unknown))
+                log.warning("--ckpt_path %s: ignoring model settings this version does not know: %s", path,
+                            ", ".join(unknown))
             if moved := moved_settings(stored):
-                logging.getLogger("mdlm_kit").warning(
-                    "--ckpt_path %s: not carried over, set elsewhere now: %s", path, ", ".join(moved))
+                log.warning("--ckpt_path %s: not carried over, set elsewhere now: %s", path, ", ".join(moved))
             hparams.pop("vocab_size", None)  # the data's (linked), which check_resume compares with the weights
             return {k: v for k, v in hparams.items() if v is not None}
 
-        def _preflight(self) -> None:
-            """Refuse, before anything is written, what would fail later: an unwritable output folder, data
-            that does not fit the model, a checkpoint to resume that is missing, broken or of another model."""
+        def resume_path(self) -> str | None:
+            """``--ckpt_path``, with ``last`` the newest last.ckpt, or None if there is none yet (Lightning then
+            starts afresh: a requeued job's first run)."""
+            ckpt = self.config[self.subcommand].get("ckpt_path")
+            if ckpt == "last":
+                ckpt = resolve_last([cb.dirpath for cb in self.trainer.checkpoint_callbacks
+                                     if getattr(cb, "dirpath", None)])
+            return ckpt
+
+        def before_fit(self) -> None:
+            """Place the outputs, then refuse what would fail later, before anything is written: an unwritable
+            output folder, data that does not fit the model, a checkpoint to resume that is missing or broken or
+            of another model."""
+            self._place_outputs()
             for cb in self.trainer.callbacks:
                 if isinstance(cb, InitWeights):
                     cb.check(self.model)
@@ -181,39 +169,15 @@ def _lightning_cli(argv: list[str] | None) -> None:
             if ckpt is not None and ckpt not in ("best", "hpc", "registry"):
                 check_resume(ckpt, self.model, training=self.subcommand == "fit")
 
-        def resume_path(self):
-            """The checkpoint ``--ckpt_path`` resumes from; ``last`` is the newest last.ckpt, None if there is none
-            yet (Lightning then starts afresh: a requeued job's first run)."""
-            ckpt = self.config[self.subcommand].get("ckpt_path")
-            if ckpt == "last":
-                ckpt = resolve_last([cb.dirpath for cb in self.trainer.checkpoint_callbacks
-                                     if getattr(cb, "dirpath", None)])
-            return ckpt
-
-        def before_fit(self) -> None:
-            self._place_outputs()
-            self._preflight()
+        before_validate = before_fit
 
         def after_fit(self) -> None:
-            if not self.trainer.is_global_zero:
-                return
-            for line in fit_summary(self.trainer, self.model, self.datamodule):
-                print(line, file=sys.stderr)
-
-        def before_validate(self) -> None:
-            self._place_outputs()
-            self._preflight()
+            if self.trainer.is_global_zero:
+                print("\n".join(fit_summary(self.trainer, self.model, self.datamodule)), file=sys.stderr)
 
     _quiet_lightning()
-    MdlmCLI(
-        LanguageModel,
-        TextDataModule,
-        args=argv,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": False},
-        auto_configure_optimizers=False,
-    )
+    MdlmCLI(LanguageModel, TextDataModule, args=argv, seed_everything_default=0, save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False}, auto_configure_optimizers=False)
 
 
 # a bound this close to the unigram entropy means the model predicts token frequencies and ignores context
@@ -227,82 +191,50 @@ def fit_summary(trainer, model, datamodule) -> list[str]:
 
     last = next((cb.last_model_path for cb in trainer.checkpoint_callbacks if getattr(cb, "last_model_path", "")),
                 None)
-    steps, max_steps = trainer.global_step, trainer.max_steps
-    of = f" of {max_steps}" if max_steps != -1 else ""
+    steps, of = trainer.global_step, f" of {trainer.max_steps}" if trainer.max_steps != -1 else ""
     lines = []
-    reason = stop_reason(trainer)
-    if reason is not None:
+    if (reason := stop_reason(trainer)) is not None:
         lines.append(f"mdlm-kit: warning: training stopped early at step {steps}{of}: {reason}; the model has not "
                      "had its full budget (resume with --ckpt_path last, or lift the limit)")
-    value = trainer.callback_metrics.get(f"val/{model.metric}")
-    unigram = None
-    if datamodule is not None and hasattr(datamodule, "unigram_entropy"):
-        try:
-            unigram = datamodule.unigram_entropy("val")
-        except UserError:  # a streamed validation split: no stored blocks to count
-            pass
     where = f"last.ckpt at {last}" if last else "no checkpoint written"
+    value = trainer.callback_metrics.get(f"val/{model.metric}")
     if value is None:
-        lines.append(f"mdlm-kit: fit done: {where}, {steps}{of} steps; no validation ran")
-        return lines
-    value = float(value)
+        return [*lines, f"mdlm-kit: fit done: {where}, {steps}{of} steps; no validation ran"]
+    value, unigram = float(value), None
+    if hasattr(datamodule, "unigram_entropy"):
+        with contextlib.suppress(UserError):  # a streamed validation split: no stored blocks to count
+            unigram = datamodule.unigram_entropy("val")
     what = "NELBO" if model.metric == "nelbo" else "NLL"
     ratio = f", {value / unigram:.3f} of the unigram entropy {unigram:.3f}" if unigram else ""
     lines.append(f"mdlm-kit: fit done: {where}, {steps}{of} steps; validation {what} {value:.3f} nats/token{ratio}")
     if unigram and value >= UNIGRAM_WARN_RATIO * unigram:
-        conv = getattr(getattr(model, "config", None), "conv_kernel", None)
-        missing = []
+        fixes = ["train longer (trainer.max_steps)"]
         if model.hparams.get("unigram_bias") is False:
-            missing.append("start the output bias at the token frequencies (model.unigram_bias: true)")
-        if conv == 0:
-            missing.append("give the model a local convolution (model.backbone.conv_kernel: 3)")
-        fix = "train longer (trainer.max_steps)" + "".join(f" and {m}" for m in missing)
+            fixes.append("start the output bias at the token frequencies (model.unigram_bias: true)")
+        if getattr(getattr(model, "config", None), "conv_kernel", None) == 0:
+            fixes.append("give the model a local convolution (model.backbone.conv_kernel: 3)")
         lines.append(
             f"mdlm-kit: warning: the validation {what} is within {1 - UNIGRAM_WARN_RATIO:.0%} of the unigram entropy: "
-            f"the model predicts token frequencies and has not learned to use context yet; {fix}; "
+            f"the model predicts token frequencies and has not learned to use context yet; {' and '.join(fixes)}; "
             "see BENCHMARKS.md (the unigram plateau)")
     return lines
 
 
-def _function(func, argv: list[str], print_json: bool = True):
-    """``mdlm-kit CMD ARGS`` for a command that is one function: its options are its typed arguments
-    (jsonargparse); its result is printed as one JSON line."""
+def _function(target: str, argv: list[str], print_json: bool = True):
+    """``mdlm-kit CMD ARGS`` for a command that is one function (``module:name``): its options are its typed
+    arguments (jsonargparse); its result is printed as one JSON line."""
     import json
 
     from jsonargparse import CLI
 
-    result = CLI(func, args=argv, exit_on_error=False, as_positional=False)
+    module, name = target.split(":")
+    result = CLI(getattr(importlib.import_module(module), name), args=argv, exit_on_error=False, as_positional=False)
     if print_json:
         print(json.dumps(result))
     return result
 
 
-def _report(argv: list[str]) -> None:
-    from mdlm_kit.eval.report import report
-
-    _function(report, argv, print_json=False)
-
-
-def _ppl(argv: list[str]) -> None:
-    from mdlm_kit.eval.ppl import perplexity
-
-    _function(perplexity, argv)
-
-
-def _genppl(argv: list[str]) -> None:
-    from mdlm_kit.eval.genppl import genppl
-
-    _function(genppl, argv)
-
-
-def _export(argv: list[str]) -> None:
-    from mdlm_kit.io.export import export
-
-    _function(export, argv)
-
-
 def _generate(argv: list[str]) -> None:
-    from mdlm_kit.generate import generate
     from mdlm_kit.sampling import sampler_class
 
     def alias(name: str) -> str:  # a registered name (fhs) is its class; an unknown one is one line listing them
@@ -314,14 +246,12 @@ def _generate(argv: list[str]) -> None:
             argv[i] = "--sampler=" + alias(arg[len("--sampler="):])
         elif arg == "--sampler" and i + 1 < len(argv):
             argv[i + 1] = alias(argv[i + 1])
-    _function(generate, argv, print_json=False)
+    _function("mdlm_kit.generate:generate", argv, print_json=False)
 
 
 def _check_likelihood(argv: list[str]) -> None:
-    from mdlm_kit.eval.check import likelihood_check
-
     _quiet_lightning()
-    if not _function(likelihood_check, argv)["bound_respected"]:
+    if not _function("mdlm_kit.eval.check:likelihood_check", argv)["bound_respected"]:
         print("mdlm-kit: check failed: the NELBO is below the true entropy by more than 3 standard errors; "
               "the bound is invalid (check the objective's weights)", file=sys.stderr)
         sys.exit(1)
@@ -350,11 +280,11 @@ def _data(argv: list[str]) -> None:
 
 COMMANDS = {
     "data": _data,
-    "export": _export,
-    "report": _report,
+    "export": functools.partial(_function, "mdlm_kit.io.export:export"),
+    "report": functools.partial(_function, "mdlm_kit.eval.report:report", print_json=False),  # prints its own line
     "generate": _generate,
-    "ppl": _ppl,
-    "genppl": _genppl,
+    "ppl": functools.partial(_function, "mdlm_kit.eval.ppl:perplexity"),
+    "genppl": functools.partial(_function, "mdlm_kit.eval.genppl:genppl"),
     "check-likelihood": _check_likelihood,
 }
 
@@ -389,21 +319,14 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr)
         sys.exit(128 + 15)
     except Exception as e:
-        # jsonargparse wraps errors raised while instantiating a subclass-mode model: find ours
-        cause = _user_error_in_chain(e)
-        if cause is None:
+        # jsonargparse wraps errors raised while instantiating a subclass-mode model: find ours in the chain
+        seen, cause = set(), e
+        while cause is not None and not isinstance(cause, UserError) and id(cause) not in seen:
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        if not isinstance(cause, UserError):
             raise
         _fail(str(cause))
-
-
-def _user_error_in_chain(e: BaseException) -> UserError | None:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, UserError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def _classes(key: str) -> list[type]:

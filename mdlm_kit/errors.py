@@ -2,8 +2,5 @@
 
 
 class UserError(ValueError):
-    """Bad input from a user (a path, a config value, a checkpoint).
-
-    The ``mdlm-kit`` command prints its message as one line and exits with status 2,
-    so the message should name the problem and the fix.
-    """
+    """Bad input from a user (a path, a config value, a checkpoint): ``mdlm-kit`` prints its message as one line and
+    exits with status 2, so the message should name the problem and the fix."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -16,7 +17,6 @@ def generate_samples(model, tokenizer, sampler: Sampler | str = "fhs", num_sampl
                      seed: int = 0, prompt: str | None = None, batch_size: int = 16,
                      progress: bool = False) -> list[dict]:
     """Samples from a diffusion ``LanguageModel``: dicts with ``text`` and ``tokens`` (BOS/EOS dropped from text).
-
     ``sampler`` is a ``mdlm_kit.sampling.Sampler`` (``FirstHitting(tokens_per_step=2)``) or a registered name."""
     sampler = make_sampler(sampler)
     if num_samples < 1 or length < 1 or batch_size < 1:
@@ -28,29 +28,21 @@ def generate_samples(model, tokenizer, sampler: Sampler | str = "fhs", num_sampl
     given = [tokenizer.bos_id] + (tokenizer.encode(prompt) if prompt else [])
     if len(given) > length:
         raise UserError(f"the prompt is {len(given) - 1} tokens (plus BOS), longer than --length {length}")
-    ctx = model.family.sampling_context(model.backbone, max_len=model.config.max_seq_len)
-    device = model.device
-    out = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(total=num_samples, desc=sampler.name, unit="sample", file=sys.stderr)
-    tok_id = tokenizer.fingerprint()
-    for lo in range(0, num_samples, batch_size):
-        n = min(batch_size, num_samples - lo)
-        template = torch.full((n, length), model.mask_id, dtype=torch.long, device=device)
-        template[:, : len(given)] = torch.tensor(given, device=device)
-        tokens = sampler(ctx, template, torch.arange(lo, lo + n, device=device), seed)
-        for i, row in enumerate(tokens.tolist()):
-            text = tokenizer.decode(row)
-            out.append({"index": lo + i, "text": text, "tokens": row, "sampler": sampler.name, "seed": seed,
-                        "prompt": prompt or "", "completion": tokenizer.decode(row[len(given):]),
-                        "prompt_tokens": len(given), "tokenizer": tok_id, "precision": sampler.precision})
-        if bar is not None:
+    ctx = model.family.sampling_context(model.backbone, max_len=max_len)
+    device, tok_id, out = model.device, tokenizer.fingerprint(), []
+    with tqdm(total=num_samples, desc=sampler.name, unit="sample", file=sys.stderr, disable=not progress) as bar:
+        for lo in range(0, num_samples, batch_size):
+            n = min(batch_size, num_samples - lo)
+            template = torch.full((n, length), model.mask_id, dtype=torch.long, device=device)
+            template[:, : len(given)] = torch.tensor(given, device=device)
+            tokens = sampler(ctx, template, torch.arange(lo, lo + n, device=device), seed)
+            out += [{"index": lo + i, "text": tokenizer.decode(row), "tokens": row, "sampler": sampler.name,
+                     "seed": seed, "prompt": prompt or "", "completion": tokenizer.decode(row[len(given):]),
+                     "prompt_tokens": len(given), "tokenizer": tok_id, "precision": sampler.precision}
+                    for i, row in enumerate(tokens.tolist())]
             bar.update(n)
-    if bar is not None:
-        bar.close()
     return out
 
 
@@ -73,8 +65,6 @@ def generate(checkpoint: str, sampler: Sampler | None = None, num_samples: int =
         output: a ``.jsonl`` file written atomically (default: standard output).
         batch_size: sequences generated together.
     """
-    from pathlib import Path
-
     sampler = make_sampler(sampler)
     if output is not None:
         check_writable_folder(Path(output).expanduser().parent, f"--output {output}")

@@ -1,20 +1,10 @@
-"""The one LightningModule: a backbone, a family (what the loss is), an optimizer and a learning-rate schedule.
-
-``LanguageModel`` takes typed objects, as LightningCLI users expect:
-
-- ``backbone``: the DiT's shape (``mdlm_kit.models.Backbone``: a named size and overrides);
-- ``family``: a ``mdlm_kit.families.Family`` (``MaskedDiffusion`` by default, ``Autoregressive`` for the
-  baseline on the same backbone, causal), which owns the corruption, the loss and how samplers call the network;
-- ``optimizer`` / ``lr_scheduler``: an ``OptimizerCallable`` / ``LRSchedulerCallable`` (AdamW and
-  ``WarmupCosine`` in the recipes).
-
-Everything else lives beside it: non-finite handling, compile and FSDP2 sharding in ``callbacks``, checkpoint
-formats in ``io``. The training step keys each sample's noise by its position in the global stream, and
-validation accumulates the loss in float64.
-"""
+"""The one LightningModule: a backbone, a family (what the loss is), an optimizer and a learning-rate schedule,
+as typed objects for LightningCLI. Non-finite handling, compile and FSDP2 sharding are in ``callbacks``, checkpoint
+formats in ``io``."""
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -33,7 +23,7 @@ from mdlm_kit.objective import NelboTerms
 
 class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
     """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` of the learning rate over
-    ``decay_steps`` (None: constant after warmup). Stepped every optimizer step."""
+    ``decay_steps`` (None: constant after warmup)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 0, decay_steps: int | None = None,
                  min_lr_ratio: float = 0.1):
@@ -52,15 +42,9 @@ class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class _ByReference:
+class _ByReference(functools.partial):
     """A callable a deep copy of the module shares instead of copying: EMA (``WeightAveraging``) deep-copies the
     LightningModule, and LightningCLI's optimizer callables hold the whole CLI (its trainer, process group, locks)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, *args):
-        return self.fn(*args)
 
     def __deepcopy__(self, memo):
         return self
@@ -92,9 +76,8 @@ class LanguageModel(L.LightningModule):
         optimizer: called with the parameter groups (weights decay, embeddings and 1-d parameters do not);
             default AdamW at 3e-4 without weight decay.
         lr_scheduler: called with the optimizer, stepped every optimizer step (``WarmupCosine``); default none.
-        unigram_bias: start the output layer's bias at the log token frequencies of the training split
-            (``fit`` only; a resumed run's weights or ``--checkpoint``'s replace it): the model predicts the unigram
-            distribution from step 0 and starts on context at once (BENCHMARKS.md, the unigram plateau).
+        unigram_bias: start the output bias at the training split's log token frequencies (``fit`` only; resumed or
+            ``--checkpoint`` weights replace it): no unigram plateau before context is used (BENCHMARKS.md).
     """
 
     # set by io.load_checkpoint on a model read from a .ckpt: steps, max_steps, stopped_early, stop_reason
@@ -114,8 +97,7 @@ class LanguageModel(L.LightningModule):
         for name, value in (("backbone", backbone), ("family", family), ("optimizer", optimizer),
                             ("lr_scheduler", lr_scheduler)):
             self.hparams[name] = _spec(self.hparams.get(name, value))
-        if isinstance(backbone, dict):
-            backbone = Backbone(**backbone)
+        backbone = Backbone(**backbone) if isinstance(backbone, dict) else backbone
         if vocab_size < 2:
             raise UserError(
                 f"model.vocab_size must be >= 2 (set it or let the data module supply it), got {vocab_size}")
@@ -150,8 +132,8 @@ class LanguageModel(L.LightningModule):
         return self.backbone(input_ids, cond)
 
     def configure_model(self) -> None:
-        # ModelParallelStrategy requires this hook overridden (lightning_gaps.py); the sharding is
-        # callbacks.FSDP2Sharding's, whose setup runs before it: a mesh without it would train unsynchronized
+        # ModelParallelStrategy requires this hook (lightning_gaps.py); FSDP2Sharding.setup, which runs before it,
+        # shards: a mesh without it would train unsynchronized
         if self.device_mesh is not None and not getattr(self.backbone, "sharded", False):
             raise UserError("ModelParallelStrategy needs the mdlm_kit.callbacks.FSDP2Sharding callback, which "
                             "shards the blocks (mdlm-kit fit adds it)")
@@ -181,11 +163,9 @@ class LanguageModel(L.LightningModule):
             self.init_unigram_bias(dm)  # a resumed run's checkpoint replaces it, as would --checkpoint's weights
 
     def init_unigram_bias(self, dm) -> None:
-        """Set the output layer's bias to the log frequencies of the training split's tokens (add-1/2
-        smoothed; the mask's column, which the SUBS parameterization never uses, at 0), so that the
-        model predicts the unigram distribution from step 0. Learning the frequencies through the
-        zero-initialized output layer otherwise takes a direction of every masked position's features,
-        on which the model can sit for hundreds of steps before it uses context (BENCHMARKS.md)."""
+        """The output bias at the training split's add-1/2 smoothed log token frequencies (the mask's at 0: SUBS
+        never predicts it). Learned through the zero-initialized output layer, the frequencies take a direction of
+        every masked position's features, where the model can sit for hundreds of steps (BENCHMARKS.md)."""
         if not hasattr(dm, "token_counts"):
             raise UserError("model.unigram_bias needs a data module with token_counts() (the kit's TextDataModule)")
         try:
@@ -195,8 +175,7 @@ class LanguageModel(L.LightningModule):
         bias = self.backbone.final.linear.bias
         if bias is None or counts.shape[0] != bias.shape[0]:
             raise UserError("model.unigram_bias needs an output layer with a bias over the data's vocabulary")
-        freq = (counts.astype(np.float64) + 0.5) / (counts.sum() + 0.5 * counts.shape[0])
-        log_freq = torch.from_numpy(np.log(freq))
+        log_freq = torch.from_numpy(np.log((counts.astype(np.float64) + 0.5) / (counts.sum() + 0.5 * len(counts))))
         log_freq[self.mask_id] = 0.0
         value = log_freq.to(dtype=bias.dtype)
         if hasattr(bias, "placements"):  # sharded by FSDP2Sharding (its setup runs first): a DTensor like it
@@ -210,30 +189,18 @@ class LanguageModel(L.LightningModule):
         """The data module's blocks fit this model: sequence length and vocabulary (a UserError if not)."""
         seq_len = getattr(getattr(dm, "hparams", None), "seq_len", None)
         if seq_len is not None and seq_len > self.config.max_seq_len:
-            raise UserError(
-                f"data.seq_len={seq_len} is above the model's maximum sequence length {self.config.max_seq_len}; "
-                "lower data.seq_len or raise model.backbone.max_seq_len"
-            )
-        if dm is not None and hasattr(dm, "model_vocab_size") and dm.model_vocab_size != self.config.vocab_size:
-            raise UserError(
-                f"the data's vocabulary ({dm.model_vocab_size} with the mask) does not match the model's "
-                f"({self.config.vocab_size}); use the tokenizer the model was trained with"
-            )
-
-    def _train_keys(self, batch: dict) -> torch.Tensor:
-        """Position of each sample in the global training stream: global batch n, then rank r's slice of it.
-
-        The data module gives rank r the r-th contiguous slice of each global batch, so these keys (and
-        the noise they draw) are the same whether the global batch is split over processes or not.
-        """
-        n = self.trainer.fit_loop.epoch_loop.total_batch_idx
-        bsz = batch["input_ids"].shape[0]
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        slot = torch.arange(bsz, device=self.device, dtype=torch.int64)
-        return (n * world + rank) * bsz + slot
+            raise UserError(f"data.seq_len={seq_len} is above the model's maximum sequence length "
+                            f"{self.config.max_seq_len}; lower data.seq_len or raise model.backbone.max_seq_len")
+        if hasattr(dm, "model_vocab_size") and dm.model_vocab_size != self.config.vocab_size:
+            raise UserError(f"the data's vocabulary ({dm.model_vocab_size} with the mask) does not match the model's "
+                            f"({self.config.vocab_size}); use the tokenizer the model was trained with")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        terms = self.loss_terms(batch["input_ids"], self._train_keys(batch), rng.STREAM_TRAIN, batch.get("valid"))
+        # each sample's noise is keyed by its position in the global stream (global batch n, then rank r's slice of
+        # it, as the data module shards it): the same however the batch is split over processes
+        n, bsz = self.trainer.fit_loop.epoch_loop.total_batch_idx, batch["input_ids"].shape[0]
+        keys = (n * self.trainer.world_size + self.trainer.global_rank) * bsz + torch.arange(bsz, device=self.device)
+        terms = self.loss_terms(batch["input_ids"], keys, rng.STREAM_TRAIN, batch.get("valid"))
         loss = terms.per_token()
         self.last_loss = loss.detach()
         if batch.get("valid") is not None and self.trainer.world_size > 1:
@@ -269,8 +236,8 @@ class LanguageModel(L.LightningModule):
         self.val_tokens.reset()
 
     def check_optimization(self) -> None:
-        """Build the optimizer and the learning-rate schedule on a stand-in parameter, so that bad settings (a
-        negative learning rate or warmup) are one line before a run writes anything, not an error at its start."""
+        """Build the optimizer and schedule on a stand-in parameter: bad settings (a negative learning rate) are one
+        line before a run writes anything."""
         p = torch.nn.Parameter(torch.zeros(1))
         try:
             opt = self.optimizer([{"params": [p]}]) if self.optimizer else torch.optim.SGD([p], lr=1.0)

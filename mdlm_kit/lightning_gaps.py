@@ -1,20 +1,13 @@
-"""Where Lightning has no public hook for what mdlm-kit needs: the smallest workaround for each, in this one module.
+"""Every private Lightning name the toolkit touches, each with the smallest workaround (tests/test_layers.py fails on
+one anywhere else), so a Lightning release that renames one breaks this file only.
 
-Every private Lightning name the toolkit touches is here (tests/test_layers.py fails on one anywhere else), so a
-Lightning release that renames one breaks this file only.
+1. ``LightningCLI._parse_ckpt_path`` replaces the config's model settings with ``--ckpt_path``'s, and a truncated
+   file or a setting another version wrote is a traceback there; no public hook runs between parsing and that step.
+2. ``Trainer._accelerator_connector.use_distributed_sampler``: the Trainer keeps that argument nowhere public, and
+   the data module, which shards batches itself, must refuse to run under Lightning's sampler.
 
-1. ``LightningCLI._parse_ckpt_path``: with ``--ckpt_path``, LightningCLI replaces the config's model settings with
-   the checkpoint's in this private method, and a truncated file or a setting another version wrote is a
-   traceback there. No public hook runs between parsing and that step, so ``CheckpointHparamsCLI`` overrides it
-   and asks the public ``checkpoint_hparams`` what to apply.
-2. ``Trainer._accelerator_connector.use_distributed_sampler``: the Trainer keeps its
-   ``use_distributed_sampler`` argument nowhere public; the data module, which shards batches itself, must refuse
-   to run under Lightning's sampler.
-
-One gap needs no private name, only a method: ``ModelParallelStrategy.setup`` refuses a LightningModule that does
-not override ``configure_model``, where Lightning expects the parallelization. The sharding is the
-``callbacks.FSDP2Sharding`` callback's (its ``setup`` runs before that hook), so ``LanguageModel.configure_model``
-only refuses a device mesh the callback has not sharded.
+A gap without a private name: ``ModelParallelStrategy.setup`` refuses a module that does not override
+``configure_model``; the sharding is the ``callbacks.FSDP2Sharding`` callback's, so that hook only checks it ran.
 """
 
 from __future__ import annotations
@@ -31,15 +24,13 @@ class CheckpointHparamsCLI(LightningCLI):
     """LightningCLI whose ``--ckpt_path`` model settings come from ``checkpoint_hparams`` (gap 1)."""
 
     def checkpoint_hparams(self, path: str) -> dict | None:
-        """The model settings of the checkpoint at ``path`` as a config entry; None (here) keeps the config's."""
+        """The model settings of the checkpoint at ``path`` as a config entry; None keeps the config's."""
         return None
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not path or not Path(path).is_file():
-            return
-        hparams = self.checkpoint_hparams(path)
+        hparams = self.checkpoint_hparams(path) if path and Path(path).is_file() else None
         if not hparams:
             return
         try:

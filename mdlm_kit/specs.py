@@ -1,8 +1,5 @@
-"""An object as a config entry: the arguments its constructor took, read back from its attributes.
-
-Schedules, families and samplers keep each constructor argument as an attribute of the same name, so one
-reader serves all three (``Schedule.spec``, ``Family.spec``, ``Sampler.options``).
-"""
+"""An object as a config entry, read back from its attributes: schedules, families and samplers keep each constructor
+argument as an attribute of the same name (``Schedule.spec``, ``Family.spec``, ``Sampler.options``)."""
 
 from __future__ import annotations
 
@@ -17,9 +14,8 @@ def init_args(obj) -> dict:
         if "__init__" not in vars(cls):
             continue
         params = inspect.signature(cls.__init__).parameters.values()
-        for p in params:
-            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-                out.setdefault(p.name, getattr(obj, p.name))
+        out |= {p.name: getattr(obj, p.name) for p in params if p.name != "self" and p.name not in out
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             break
     return out

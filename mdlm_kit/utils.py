@@ -8,13 +8,14 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from mdlm_kit.errors import UserError
+
 
 def cache_dir() -> Path:
     """``$MDLM_KIT_CACHE``, else ``$XDG_CACHE_HOME/mdlm-kit``, else ``~/.cache/mdlm-kit``."""
     if os.environ.get("MDLM_KIT_CACHE"):
         return Path(os.environ["MDLM_KIT_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mdlm-kit"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mdlm-kit"
 
 
 def host_tag() -> str:
@@ -48,20 +49,13 @@ def current_umask() -> int:
     return mask
 
 
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.{host_tag()}-{os.getpid()}-"
-
-
 def atomic_write(path: str | Path, write: Callable[[str], None], durable: bool = False) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    Readers see the old file or the complete new one, never a partial write, even if the process is
-    killed part-way (the temporary file is then left behind; ``remove_stale_temps`` clears it).
-    ``durable`` also syncs the file and its folder to disk, so the new file survives a power loss.
-    """
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``: readers see the old
+    file or the complete new one, even if the process is killed part-way (``remove_stale_temps`` clears what that
+    leaves). ``durable`` also syncs the file and its folder to disk, so the new file survives a power loss."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{host_tag()}-{os.getpid()}-", suffix=".tmp")
     os.close(fd)
     os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the permissions a plain open() would
     try:
@@ -70,40 +64,30 @@ def atomic_write(path: str | Path, write: Callable[[str], None], durable: bool =
             fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
     if durable:
         fsync_path(path.parent)
 
 
 def remove_stale_temps(path: str | Path) -> list[Path]:
-    """Remove the temporary files of ``atomic_write(path)`` calls whose process died on this machine.
-
-    Those of live processes, and of other machines sharing the folder, are left alone.
-    """
+    """Remove the temporary files of ``atomic_write(path)`` calls whose process died on this machine (those of live
+    processes, and of other machines sharing the folder, stay)."""
     path = Path(path)
+    prefix = f".{path.name}.{host_tag()}-"
     removed = []
-    for tmp in path.parent.glob(f".{path.name}.{host_tag()}-*-*.tmp"):
-        try:
-            pid = int(tmp.name[len(f".{path.name}.{host_tag()}-"):].split("-", 1)[0])
-        except ValueError:
-            continue
-        if process_gone(pid):
+    for tmp in path.parent.glob(f"{prefix}*-*.tmp"):
+        pid = tmp.name[len(prefix):].split("-", 1)[0]
+        if pid.isdecimal() and process_gone(int(pid)):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
 
 
 def check_writable_folder(folder: str | Path, what: str, create: bool = False) -> Path:
-    """Fail early, with one line, if files cannot be written in ``folder``: before hours of work, not after.
-
-    With ``create`` the folder may not exist yet: its nearest existing parent must then be writable
-    (nothing is created here). Tries a real file, so it also catches read-only mounts and root's
-    permission-bit bypass that ``os.access`` does not.
-    """
-    from mdlm_kit.errors import UserError
-
+    """Fail early, with one line, if files cannot be written in ``folder`` (with ``create``, in its nearest existing
+    parent; nothing is created): before hours of work, not after. Tries a real file, so it also catches read-only
+    mounts and root's permission-bit bypass that ``os.access`` does not."""
     folder = Path(folder).expanduser()
     probe = folder
     if create:
@@ -124,8 +108,4 @@ def check_writable_folder(folder: str | Path, what: str, create: bool = False) -
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
