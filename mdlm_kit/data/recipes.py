@@ -1,13 +1,8 @@
-"""Dataset recipes: the papers' corpora, loaded through Hugging Face ``datasets``.
+"""Dataset recipes: the papers' corpora through Hugging Face ``datasets``, from the hub or a local copy in the hub's
+format (a ``save_to_disk`` folder, a folder of data files named by split, or one file, all of it one split).
 
-A recipe says where a corpus lives on the hub, which field holds the text, how its training and
-validation splits are made, and how its text is cleaned (the detokenizers MDLM and SEDD apply to
-corpora that were distributed pre-tokenized). Users online load by name; offline, ``path`` points at
-a local copy in the hub's format: a folder written by ``save_to_disk``, a folder of data files named
-by split (``train-*.parquet``, ``validation.jsonl``, ...) or a single file (all of it one split).
-
-Splits and detokenizers follow the MDLM reference code (``dataloader.py``), which is how the
-papers' zero-shot numbers were produced.
+Splits and detokenizers (for corpora distributed pre-tokenized) follow the MDLM reference code (``dataloader.py``),
+which is how the papers' zero-shot numbers were produced.
 """
 
 from __future__ import annotations
@@ -28,11 +23,8 @@ def wikitext_detokenize(s: str) -> str:
     s = s.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
     for p in (":", ";", ".", "!", "?", ","):
         s = s.replace(f" {p} ", f"{p} ")
-    s = re.sub(r"\(\s*([^\)]*?)\s*\)", r"(\1)", s)
-    s = re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", s)
-    s = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", s)
-    s = re.sub(r"\"\s*([^\"]*?)\s*\"", r'"\1"', s)
-    s = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", s)
+    for o, c in ("()", "[]", "{}", '""', "''"):  # no spaces just inside brackets and quotes
+        s = re.sub(rf"{re.escape(o)}\s*([^{re.escape(c)}]*?)\s*{re.escape(c)}", rf"{o}\1{c}", s)
     s = s.replace("= = = =", "====").replace("= = =", "===").replace("= =", "==")
     s = s.replace(" \u00b0 ", "\u00b0").replace(" \n", "\n").replace("\n ", "\n")
     s = s.replace(" N ", " 1 ").replace(" 's", "'s")
@@ -93,11 +85,8 @@ TEXT8_SPLITS = {"train": (0.0, 0.9), "validation": (0.9, 0.95), "test": (0.95, 1
 
 @dataclass(frozen=True)
 class Recipe:
-    """Where a corpus lives and how its splits are made.
-
-    ``val_docs``: the validation split is the last ``val_docs`` documents of ``train_split`` (for corpora the
-    hub ships as one split). ``lines``: rows are WikiText lines, joined into articles.
-    """
+    """Where a corpus lives and how its splits are made. ``val_docs``: the validation split is the last
+    ``val_docs`` documents of ``train_split`` (one-split corpora). ``lines``: rows are lines, joined into articles."""
 
     name: str
     hub: str
@@ -135,14 +124,18 @@ def is_dataset_name(name: str) -> bool:
 # ---- loading: hub or a local copy, as datasets.Dataset objects ----
 
 
-def _load_local(path: str, recipe: Recipe) -> dict:
-    """A local copy in the hub's format, as {split: Dataset}."""
+def _load(recipe: Recipe, path: str | None, streaming: bool) -> dict:
+    """{split: Dataset} from the hub, or from ``path``, a local copy in the hub's format."""
     import datasets
 
-    p, only = Path(path).expanduser(), recipe.train_split or recipe.val_split  # the split a lone file or Dataset is
-    if not p.exists():
+    if path and not Path(path).expanduser().exists():
         raise UserError(f"data.path: no such file or folder: {path} (a local copy of {recipe.name})")
     try:
+        if not path and recipe.name == "text8":
+            return _text8_splits(Path(datasets.DownloadManager().download_and_extract(TEXT8_URL)))
+        if not path:
+            return dict(datasets.load_dataset(recipe.hub, recipe.config, streaming=streaming))
+        p, only = Path(path).expanduser(), recipe.train_split or recipe.val_split  # the split a lone file or Dataset is
         if p.is_dir() and ((p / "dataset_dict.json").exists() or (p / "state.json").exists()):
             ds = datasets.load_from_disk(str(p))
             return dict(ds) if isinstance(ds, datasets.DatasetDict) else {only: ds}
@@ -156,6 +149,9 @@ def _load_local(path: str, recipe: Recipe) -> dict:
     except UserError:
         raise
     except Exception as e:
+        if not path:
+            raise UserError(f"could not load {recipe.hub!r} from the Hugging Face hub ({type(e).__name__}: "
+                            f"{str(e)[:200]}); offline, pass a local copy with data.path") from None
         raise UserError(f"data.path {path}: could not read it as a copy of {recipe.name} "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'no detail'})") from None
 
@@ -180,29 +176,13 @@ def _text8_splits(p: Path) -> dict:
             for split, (lo, hi) in TEXT8_SPLITS.items()}
 
 
-def _load_hub(recipe: Recipe, streaming: bool) -> dict:
-    import datasets
-
-    try:
-        if recipe.name == "text8":
-            return _text8_splits(Path(datasets.DownloadManager().download_and_extract(TEXT8_URL)))
-        return dict(datasets.load_dataset(recipe.hub, recipe.config, streaming=streaming))
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"could not load {recipe.hub!r} from the Hugging Face hub ({type(e).__name__}: "
-                        f"{str(e)[:200]}); offline, pass a local copy with data.path") from None
-
-
 def load_recipe_splits(name: str, path: str | None = None, text_key: str | None = None, val_docs: int | None = None,
                        streaming: bool = False, eval_split: str | None = None) -> dict:
     """{"train": Dataset | None, "val": Dataset} with one string column ``text``, cleaned as the recipe says.
 
-    ``eval_split`` picks another split for evaluation (e.g. ``test``); ``val_docs`` overrides how
-    many trailing documents the validation split takes where the hub has no validation split.
-    ``streaming``: the training split is a ``datasets.IterableDataset`` read as it is used (corpora that
-    do not fit on disk); the validation split is still a ``Dataset`` (for OpenWebText-style recipes, the
-    stream's last ``val_docs`` documents, which takes one pass over the stream the first time).
+    ``eval_split`` picks another split as "val" (e.g. ``test``). ``streaming``: the training split is a
+    ``datasets.IterableDataset``; the validation split is still a ``Dataset`` (for one-split recipes, the stream's
+    last ``val_docs`` documents, which takes one pass over the stream the first time).
     """
     import datasets
 
@@ -211,7 +191,7 @@ def load_recipe_splits(name: str, path: str | None = None, text_key: str | None 
     hub, _, config = name[3:].partition(":")  # hf:NAME[:CONFIG]: any hub dataset, its text in data.text_key
     recipe = RECIPES.get(name) or Recipe(name, hub, config or None)
     where = f"data.path {path}" if path else f"the hub dataset {recipe.hub}"
-    splits = _load_local(path, recipe) if path else _load_hub(recipe, streaming)
+    splits = _load(recipe, path, streaming)
     n_val = val_docs if val_docs is not None else recipe.val_docs
     if streaming and path:  # a local copy read as a stream: the same code path as the hub's
         for k, v in list(splits.items()):
@@ -231,9 +211,8 @@ def load_recipe_splits(name: str, path: str | None = None, text_key: str | None 
     elif n_val is not None and recipe.val_split == recipe.train_split:
         full = pick(recipe.train_split)
         if streaming:
-            info = getattr(getattr(full, "info", None), "splits", None) or {}
-            n = info[recipe.train_split].num_examples if recipe.train_split in info else None
-            n = n or getattr(full, "_mdlm_kit_len", None)
+            info = (getattr(getattr(full, "info", None), "splits", None) or {}).get(recipe.train_split)
+            n = getattr(info, "num_examples", None) or getattr(full, "_mdlm_kit_len", None)
             if n is None or n <= n_val:
                 raise UserError(f"{where}: streaming with {n_val} held-out documents needs the stream's length "
                                 f"(dataset info says {n}); set data.streaming false or data.val_docs lower")
@@ -270,7 +249,6 @@ def _clean(ds, recipe: Recipe, key: str):
         return ds
     out = ds.map(lambda batch: {"text": [detok(t) for t in batch[key]] if detok else batch[key]}, batched=True,
                  remove_columns=drop or None, **({} if stream else {"desc": f"{recipe.name}: cleaning"}))
-    for attr in ("_mdlm_kit_len", "_mdlm_kit_cut"):  # a stream maps lazily: its marks go with it
-        if hasattr(ds, attr):
-            setattr(out, attr, getattr(ds, attr))
+    if hasattr(ds, "_mdlm_kit_cut"):  # a stream maps lazily: its mark goes with it
+        out._mdlm_kit_cut = ds._mdlm_kit_cut
     return out

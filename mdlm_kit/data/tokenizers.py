@@ -1,10 +1,6 @@
-"""One tokenizer type: a Hugging Face fast tokenizer (``tokenizers.Tokenizer``) with the ids packing needs.
-
-Kinds: ``char`` (a BPE without merges over the training text's characters, after BOS, EOS and UNK),
-``bpe`` (byte-level BPE trained on the corpus), ``gpt2`` and ``hf`` (any Hugging Face tokenizer by name or
-folder). ``to_dict`` / ``tokenizer_from_dict`` travel inside checkpoints, so a checkpoint decodes its own
-samples. The mask is not part of any tokenizer: the model's vocabulary is the tokenizer's plus one, with the
-mask as the last id (MDLM's convention).
+"""One tokenizer type: a Hugging Face fast tokenizer (``tokenizers.Tokenizer``) with the ids packing needs. Its dict
+form travels in checkpoints, so a checkpoint decodes its own samples. The mask is no tokenizer's: it is the model's
+last id. A ``char`` tokenizer is a BPE without merges over the training text's characters, after BOS, EOS and UNK.
 """
 
 from __future__ import annotations
@@ -13,8 +9,10 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
 from mdlm_kit.errors import UserError
 
@@ -74,7 +72,7 @@ class Tokenizer:
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Byte-level BPE trained on ``texts`` with `tokenizers` (GPT-2's pre-tokenization)."""
+    """Byte-level BPE trained on ``texts`` (GPT-2's pre-tokenization)."""
     from tokenizers import ByteLevelBPETokenizer
     from tokenizers import Tokenizer as Backend
 
@@ -91,9 +89,6 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
     """A quick TCP check of the Hugging Face endpoint, so an offline machine does not sit through retries."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
-    import socket
-    from urllib.parse import urlparse
-
     try:
         from huggingface_hub import constants
 
@@ -113,7 +108,7 @@ def load_gpt2() -> Tokenizer:
     if _hub_reachable():
         try:
             return Tokenizer(Backend.from_pretrained("gpt2"), "gpt2", EOT, EOT)
-        except Exception as e:  # no network, no hub: fall back to the packaged files
+        except Exception as e:
             log.info("GPT-2 tokenizer not reachable on the hub (%s); using the packaged files", type(e).__name__)
     from importlib import resources
 
@@ -129,10 +124,8 @@ def load_gpt2() -> Tokenizer:
 
 
 def load_hf_tokenizer(name: str) -> Tokenizer:
-    """Any Hugging Face fast tokenizer by hub name or local folder (``bert-base-uncased``, as MDLM's LM1B).
-
-    BOS/EOS are its ``bos``/``eos`` tokens, else ``cls``/``sep`` (BERT).
-    """
+    """Any Hugging Face fast tokenizer by hub name or local folder (``bert-base-uncased``, as MDLM's LM1B); BOS/EOS
+    are its ``bos``/``eos`` tokens, else ``cls``/``sep`` (BERT)."""
     local = Path(name).expanduser()
     if not local.exists() and not _hub_reachable():
         raise UserError(f"data.tokenizer {name!r} is not one of {', '.join(TOKENIZERS)} nor a local folder, and the "
@@ -163,12 +156,11 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
         tok = Backend(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
         tok.decoder = decoders.Sequence([decoders.Replace(UNK, "\ufffd"), decoders.Fuse()])
         return Tokenizer(tok, "char", BOS, EOS)
-    if kind == "bpe":
-        return Tokenizer(Backend.from_str(d["json"]), "bpe", BOS, EOS)
+    if kind in ("bpe", "hf"):  # the whole tokenizer; a trained BPE has our BOS/EOS
+        return Tokenizer(Backend.from_str(d["json"]), kind, d.get("bos", BOS), d.get("eos", EOS), d.get("pad"),
+                         name=d.get("name"))
     if kind == "gpt2":
         return load_gpt2()
-    if kind == "hf":
-        return Tokenizer(Backend.from_str(d["json"]), "hf", d["bos"], d["eos"], d.get("pad"), name=d.get("name"))
     raise UserError(f"unknown tokenizer kind {kind!r} in checkpoint or cache")
 
 
