@@ -1,11 +1,10 @@
 """``mdlm-kit check-likelihood``: train on a source of known entropy and compare the bound with the truth (README,
 "Likelihood checks").
 
-The source (``eval/sources.py``) is written as independent stationary chains, each a whole number of blocks long,
-packed without separators, so every block is L consecutive symbols of the stationary chain, of exact entropy
-H(pi) + (L - 1) h. A valid bound never goes below it (``nelbo >= true_entropy - 3 stderr``), and a model trained
-long enough gets close (``gap_rel`` shrinks with training). ``source_nll``, the source's own NLL on the very blocks
-evaluated, gives the paired gap, free of the spread of -log p(x) between blocks.
+The source is written as independent stationary chains, each a whole number of blocks long, packed without
+separators, so every block has the exact entropy H(pi) + (L - 1) h. A valid bound never goes below it
+(``nelbo >= true_entropy - 3 stderr``), and ``gap_rel`` shrinks with training. ``source_nll``, the source's own NLL
+on the blocks evaluated, gives the paired gap, free of the spread of -log p(x) between blocks.
 """
 
 from __future__ import annotations
@@ -42,9 +41,8 @@ def train_on_source(corpus: Path, source: Source, steps: int, size: Size = "debu
     from mdlm_kit.models import Backbone
 
     src, gen = make_source(source, seed), np.random.default_rng(seed + 1)
-    with open(corpus, "w", encoding="utf-8") as f:
-        for _ in range(num_docs):
-            f.write(json.dumps({"text": src.sample(seq_len * blocks_per_doc, gen)}) + "\n")
+    docs = (json.dumps({"text": src.sample(seq_len * blocks_per_doc, gen)}) for _ in range(num_docs))
+    corpus.write_text("".join(doc + "\n" for doc in docs), encoding="utf-8")
     L.seed_everything(seed, verbose=False)
     dm = TextDataModule(str(corpus), tokenizer="char", seq_len=seq_len, batch_size=batch_size,
                         eval_batch_size=128, val_fraction=0.1, packing="concat")
@@ -87,19 +85,15 @@ def likelihood_check(source: Source = "markov", steps: int = 1500, size: Size = 
     Args:
         source: ``markov`` (6 symbols, first-order chain) or ``iid`` (8 symbols).
         steps: training steps (1,500 on the debug model takes a few minutes on 2 CPU cores).
-        size: model size.
-        seq_len: block length L.
-        batch_size: training batch size.
         lr: peak learning rate (warmup, then cosine decay to 10%).
         schedule: noise schedule of training and evaluation.
-        estimator: NELBO estimator of the evaluation (``count`` or ``time``).
+        estimator: NELBO estimator of the evaluation.
         num_t_samples: time samples per evaluated block.
         num_docs: documents (independent chains) written; a tenth is held out.
         blocks_per_doc: length of each document in blocks.
         eval_blocks: held-out blocks evaluated.
         seed: seed of the source, the corpus, the model and the noise.
         out: folder for the corpus and the result (default: a temporary folder).
-        progress: show Lightning's progress bar.
     """
     if steps < 1 or seq_len < 2 or num_docs < 10 or blocks_per_doc < 1 or eval_blocks < 2:
         raise UserError("--steps >= 1, --seq_len >= 2, --num_docs >= 10, --blocks_per_doc >= 1, --eval_blocks >= 2")

@@ -1,9 +1,7 @@
 """``mdlm-kit genppl``: generative perplexity of samples under a causal LM, with diversity (README, "Generative
-perplexity"). A record's given tokens (BOS and prompt, ``prompt_tokens``) are context, not scored; retokenized text
-has the scorer's BOS (else its EOS; the start token for toolkit checkpoints) in front, its prompt as unscored
-context, and is cut into windows of the scorer's context, each starting afresh after a BOS. The diversity
-statistics are on the sampled ids without the given tokens (the scorer's tokens for records without ``tokens``).
-"""
+perplexity"). A record's given tokens (BOS and prompt) are context, not scored; text is cut into windows of the
+scorer's context, each starting afresh after a BOS (else EOS; the start token for toolkit checkpoints). Diversity
+is measured on the sampled ids without the given tokens (the scorer's tokens for records without ``tokens``)."""
 
 from __future__ import annotations
 
@@ -130,9 +128,7 @@ def score(scorer, ids: list[int], context: int) -> tuple[float, int]:
 def diversity(token_lists: list[list[int]], max_n: int = 4) -> dict:
     """Mean per-sample unigram entropy (nats, with its standard error) and distinct-n ratios."""
     ent, distinct = [], {n: [] for n in range(1, max_n + 1)}
-    for toks in token_lists:
-        if not toks:
-            continue
+    for toks in filter(None, token_lists):
         counts = torch.tensor(list(Counter(toks).values()), dtype=torch.float64)
         p = counts / counts.sum()
         ent.append(float(-(p * p.log()).sum()))
@@ -157,10 +153,10 @@ def genppl(samples: str, scorer: str = "gpt2-large", device: Device = "auto") ->
     """
     records = read_samples(samples)
     sc = make_scorer(scorer, resolve_device(device))
-    sums, counts, retok, stat_tokens = [], [], set(), []
+    sums, counts, retokenized, stat_tokens = [], [], False, []
     for rec in records:
-        ids, context, retokenized = sc.prepare(rec)
-        retok.add(retokenized)
+        ids, context, retok = sc.prepare(rec)
+        retokenized |= retok
         s, c = score(sc, ids, context)
         if c == 0:
             continue
@@ -176,5 +172,5 @@ def genppl(samples: str, scorer: str = "gpt2-large", device: Device = "auto") ->
     return {"gen_ppl": math.exp(nll), "gen_nll": nll, "stderr": se,
             "ci95": [math.exp(nll - 1.96 * se), math.exp(nll + 1.96 * se)], **diversity(stat_tokens),
             "num_samples": len(sums), "num_scored_tokens": int(c.sum()), "scorer": sc.name,
-            "scoring": "retokenized text" if True in retok else "sampled token ids (same tokenizer)",
+            "scoring": "retokenized text" if retokenized else "sampled token ids (same tokenizer)",
             "samples": str(samples)}

@@ -59,14 +59,10 @@ class Likelihood:
 @torch.no_grad()
 def evaluate_likelihood(model, blocks: np.ndarray, batch_size: int = 64, seed: int = 0, num_steps: int | None = None,
                         num_t_samples: int = 1, estimator: str | None = None, progress: bool = False) -> Likelihood:
-    """Likelihood of ``model`` (a ``LanguageModel`` of either family) on ``blocks`` (N, L).
-
-    Diffusion: the NELBO with ``num_t_samples`` time samples per sequence, averaged (one is the MDLM
-    protocol), continuous time or ``num_steps`` discrete steps, with ``estimator`` ``time`` or ``count``
-    (default: the model's). Sample k of sequence i is keyed by i * K + k: its noise depends only on
-    (seed, i, k), never on the batch size, and the K times of a sequence are stratified.
-    Autoregressive: the exact NLL (the other options do not apply).
-    """
+    """Likelihood of ``model`` (a ``LanguageModel``) on ``blocks`` (N, L): the exact NLL of an autoregressive model,
+    else the NELBO averaged over ``num_t_samples`` = K time samples per sequence (one is the MDLM protocol), with the
+    model's estimator unless ``estimator`` is given. Sample k of sequence i is keyed by i * K + k: its noise depends
+    only on (seed, i, k), never on the batch size, and the K times of a sequence are stratified."""
     from tqdm.auto import tqdm
 
     model.eval()
@@ -82,10 +78,9 @@ def evaluate_likelihood(model, blocks: np.ndarray, batch_size: int = 64, seed: i
         valid = None
         if getattr(blocks, "padded", False):  # padded blocks (one document each): only the real tokens are scored
             n = torch.from_numpy(blocks.lengths(slice(lo, lo + batch_size))).to(x0.device)
-            valid = torch.arange(x0.shape[1], device=x0.device)[None, :] < n[:, None]
+            valid = (torch.arange(x0.shape[1], device=x0.device)[None, :] < n[:, None]).repeat_interleave(K, dim=0)
         keys = torch.arange(lo, lo + len(x0), device=x0.device)[:, None] * K + torch.arange(K, device=x0.device)
-        terms = family.loss(model.backbone, x0.repeat_interleave(K, dim=0), keys.reshape(-1), rng.STREAM_EVAL,
-                            None if valid is None else valid.repeat_interleave(K, dim=0))
+        terms = family.loss(model.backbone, x0.repeat_interleave(K, dim=0), keys.reshape(-1), rng.STREAM_EVAL, valid)
         per_seq.append(terms.per_seq.cpu().view(-1, K).mean(1))
         tokens.append(terms.num_tokens.cpu().view(-1, K)[:, 0])
         endpoint += float(terms.endpoint.sum()) / K

@@ -1,6 +1,5 @@
-"""``mdlm-kit ppl``: the perplexity benchmark of a checkpoint as one JSON object that names its protocol, so that a
-number can be reproduced (README, "Perplexity"): the NELBO of diffusion models, endpoint term included, or the exact
-NLL of autoregressive ones."""
+"""``mdlm-kit ppl``: the perplexity benchmark of a checkpoint as one JSON object that names its protocol (README,
+"Perplexity"): the NELBO of diffusion models, endpoint term included, or the exact NLL of autoregressive ones."""
 
 from __future__ import annotations
 
@@ -18,7 +17,6 @@ Device = Literal["auto", "cpu", "cuda"]
 
 
 def resolve_device(device: Device) -> str:
-    """``auto``: CUDA when there is a GPU, else the CPU."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -28,7 +26,7 @@ def resolve_device(device: Device) -> str:
 
 def _blocks(dm, data: str | None, split: str, seq_len: int, text_key: str | None, path: str | None,
             insert_eos: bool | None):
-    """Blocks of the requested data, tokenized and packed the way the checkpoint was trained."""
+    """Blocks of the requested data, packed the way the checkpoint was trained."""
     from mdlm_kit.data.corpora import load_corpus, load_documents
     from mdlm_kit.data.recipes import is_dataset_name, load_recipe_splits
 
@@ -77,15 +75,13 @@ def evaluate(model, blocks, estimator: Estimator = "time", num_t_samples: int = 
 
 def plot_buckets(out: dict, title: str, path: Path) -> None:
     """Bar chart of each noise-level bucket's share of the NELBO, written atomically as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no figure registry to clean up
 
     from mdlm_kit.utils import atomic_write
 
     n, endpoint = len(out["buckets"]), out["endpoint_nats_per_token"]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    fig = Figure(figsize=(7, 4), dpi=120)
+    ax = fig.subplots()
     ax.bar([b / n for b in range(n)], out["buckets"], width=1 / n, align="edge", edgecolor="black", linewidth=0.4)
     ax.set(xlabel="t (time)" if out["protocol"]["estimator"] == "time" else "k/L (fraction of tokens masked)",
            ylabel="contribution to the NELBO (nats/token)", xlim=(0, 1))
@@ -93,10 +89,7 @@ def plot_buckets(out: dict, title: str, path: Path) -> None:
     ax.text(0.02, 0.97, note, transform=ax.transAxes, va="top", fontsize=9)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    finally:
-        plt.close(fig)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def perplexity(checkpoint: str, data: str | None = None, split: str | None = None, seq_len: int | None = None,

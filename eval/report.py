@@ -12,11 +12,8 @@ from mdlm_kit.io import load_checkpoint
 
 def report(checkpoint: str, batch_size: int = 64, seed: int = 0, num_samples: int = 0,
            sample_length: int = 128) -> dict:
-    """Print and return the validation perplexity bound, unigram entropy and bits per character of a checkpoint.
-
-    The likelihood is ``mdlm-kit ppl``'s on the validation split with its default protocol (MDLM's:
-    one stratified time per sequence): ``ppl``, ``stderr`` and ``ci95`` are its output, ``val_nelbo``
-    the same bound in nats per token.
+    """Print and return the validation perplexity bound, unigram entropy and bits per character of a checkpoint:
+    ``mdlm-kit ppl`` on the validation split with its default protocol (MDLM's: one stratified time per sequence).
 
     Args:
         checkpoint: a ``.ckpt`` written by ``mdlm-kit fit``, a folder written by ``mdlm-kit export``,
@@ -30,13 +27,12 @@ def report(checkpoint: str, batch_size: int = 64, seed: int = 0, num_samples: in
     res = evaluate(model.to(resolve_device("auto")), dm.blocks("val"), batch_size=batch_size, seed=seed)
     unigram = dm.unigram_entropy("val")
     out = {"val_nelbo": res["nelbo"], "ppl": res["ppl"], "stderr": res["stderr"], "ci95": res["ci95"],
-           "unigram_entropy": unigram,
-           "unigram_ratio": res["nelbo"] / unigram,  # below 1: the model uses context; near 1: token frequencies only
+           "unigram_entropy": unigram, "unigram_ratio": res["nelbo"] / unigram,  # near 1: token frequencies only
            "val_bpc": res["nelbo"] * res["num_tokens"] / math.log(2) / dm.val_num_chars,
            "val_tokens": res["num_tokens"], "val_chars": dm.val_num_chars, "protocol": res["protocol"],
            "params": model.backbone.num_parameters(), "checkpoint": str(checkpoint)}
     # how far training got: a run cut by max_time or SIGTERM is no measure of the recipe
-    info = model.run_info or {"steps": None, "max_steps": None, "stopped_early": None, "stop_reason": None}
+    info = model.run_info or dict.fromkeys(("steps", "max_steps", "stopped_early", "stop_reason"))
     out.update(info)
     if info["stopped_early"]:
         of = f" of {info['max_steps']}" if info["max_steps"] else ""

@@ -31,7 +31,6 @@ class MarkovSource:
         w, v = np.linalg.eig(P.T)
         pi = np.real(v[:, np.argmin(np.abs(w - 1.0))])
         self.stationary = pi / pi.sum()
-        self._index = {c: i for i, c in enumerate(self.alphabet)}
 
     @property
     def stationary_entropy(self) -> float:
@@ -50,20 +49,17 @@ class MarkovSource:
 
     def sample(self, n: int, rng: np.random.Generator) -> str:
         """n symbols of the chain started from its stationary distribution."""
-        A = len(self.alphabet)
-        cum = np.cumsum(self.transition, axis=1)
-        u = rng.random(n)
-        out = np.empty(n, dtype=np.int64)
-        out[0] = min(int(np.searchsorted(np.cumsum(self.stationary), u[0], side="right")), A - 1)
-        for i in range(1, n):
-            out[i] = min(int(np.searchsorted(cum[out[i - 1]], u[i], side="right")), A - 1)
+        cum, row, out = np.cumsum(self.transition, axis=1), np.cumsum(self.stationary), []
+        for u in rng.random(n):  # inverse CDF of the row of the previous symbol
+            out.append(min(int(np.searchsorted(row, u, side="right")), len(self.alphabet) - 1))
+            row = cum[out[-1]]
         return "".join(self.alphabet[i] for i in out)
 
     def nll(self, text: str) -> float:
         """-log p(text) (nats) with the first symbol drawn from the stationary distribution."""
-        idx = [self._index[c] for c in text]
+        idx = [self.alphabet.index(c) for c in text]
         total = -math.log(self.stationary[idx[0]])
-        for a, b in zip(idx[:-1], idx[1:]):
+        for a, b in zip(idx, idx[1:]):
             total -= math.log(self.transition[a, b])
         return total
 

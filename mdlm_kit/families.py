@@ -1,12 +1,6 @@
-"""Diffusion families: the extension point of the toolkit.
-
-A family says, in one place, how a clean block is corrupted, what its loss is (a bound, or the exact NLL), and
-how a sampler calls the network. The LightningModule, evaluation (``mdlm-kit ppl``) and generation only talk to
-a family, so adding one (block diffusion next) is a new subclass of ``Family``, a config and tests. In a config a
-family is a ``class_path`` object (``model.family: MaskedDiffusion``, ``--model.family.estimator count``).
-
-- ``MaskedDiffusion``: absorbing-state diffusion on the Rao-Blackwellized NELBO (``objective.nelbo``).
-- ``Autoregressive``: the same backbone, causal, on next-token NLL (``objective.autoregressive_nll``).
+"""Diffusion families, the extension point: how a clean block is corrupted, its loss (a bound, or the exact NLL),
+and how a sampler calls the network. The LightningModule, ``mdlm-kit ppl`` and generation only talk to a family; in
+a config it is a ``class_path`` object (``model.family: MaskedDiffusion``, ``--model.family.estimator count``).
 """
 
 from __future__ import annotations
@@ -24,10 +18,8 @@ from mdlm_kit.specs import init_args, spec
 
 
 class Family:
-    """What corrupts a clean block, its loss, and how a sampler calls the backbone.
-
-    ``mask_id`` (the backbone's last id: mask, or start token) is the backbone's: ``LanguageModel`` binds it.
-    """
+    """What corrupts a clean block, its loss, and how a sampler calls the backbone. ``mask_id`` (the backbone's last
+    id: mask, or start token) is the backbone's: ``LanguageModel`` binds it."""
 
     kind: str = ""  # diffusion | autoregressive: what checkpoints and exports record
     metric: str = "nelbo"  # the logged loss: a bound (nelbo) or the exact likelihood (nll)
@@ -36,7 +28,6 @@ class Family:
     mask_id: int = -1
 
     def bind(self, mask_id: int) -> Family:
-        """A copy of this family for a backbone whose last id is ``mask_id``."""
         out = copy.copy(self)
         out.mask_id = int(mask_id)
         return out
@@ -81,16 +72,9 @@ class MaskedDiffusion(Family):
 
     kind = "diffusion"
 
-    def __init__(
-        self,
-        schedule: Schedule | None = None,
-        num_steps: int | None = None,
-        estimator: Literal["auto", "time", "count"] = "auto",
-        time_conditioning: bool = False,
-        seed: int = 0,
-        masked_only: bool = True,
-        kernel: Literal["auto", "always", "never"] = "auto",
-    ):
+    def __init__(self, schedule: Schedule | None = None, num_steps: int | None = None,
+                 estimator: Literal["auto", "time", "count"] = "auto", time_conditioning: bool = False, seed: int = 0,
+                 masked_only: bool = True, kernel: Literal["auto", "always", "never"] = "auto"):
         if num_steps is not None and num_steps < 1:
             raise UserError(f"model.family.num_steps must be >= 1 or null (continuous time), got {num_steps}")
         count_ok = not time_conditioning and num_steps is None
@@ -109,11 +93,10 @@ class MaskedDiffusion(Family):
     def loss(self, backbone: nn.Module, x0: Tensor, keys: Tensor, stream: int,
              valid: Tensor | None = None) -> NelboTerms:
         masked_only = self.masked_only and hasattr(backbone, "head")
-        return nelbo_from_keys(
-            backbone.features if masked_only else backbone, x0, keys, self.schedule, self.mask_id, seed=self.seed,
-            stream=stream, num_steps=self.num_steps, time_conditioning=self.time_conditioning,
-            estimator=self.estimator, head=backbone.head if masked_only else None, kernel=self.kernel, valid=valid,
-        )
+        return nelbo_from_keys(backbone.features if masked_only else backbone, x0, keys, self.schedule, self.mask_id,
+                               seed=self.seed, stream=stream, num_steps=self.num_steps, valid=valid,
+                               time_conditioning=self.time_conditioning, estimator=self.estimator,
+                               head=backbone.head if masked_only else None, kernel=self.kernel)
 
     def sampling_context(self, backbone: nn.Module, max_len: int | None = None) -> SamplingContext:
         return SamplingContext(backbone, self.schedule, self.mask_id, self.time_conditioning, max_len=max_len)
@@ -137,15 +120,12 @@ FAMILIES: dict[str, type[Family]] = {cls.kind: cls for cls in (MaskedDiffusion, 
 
 def make_family(spec: Family | dict | str | None) -> Family:
     """A family from an instance, a config entry (``class_path`` + ``init_args``, a checkpoint's) or a kind."""
-    if spec is None:
-        return MaskedDiffusion()
     if isinstance(spec, Family):
         return spec
-    if isinstance(spec, str):
-        spec = {"class_path": spec}
+    if spec is None or isinstance(spec, str):
+        spec = {"class_path": "MaskedDiffusion" if spec is None else spec}
     path = str(spec.get("class_path", ""))
-    name = path.rsplit(".", 1)[-1]
-    cls = FAMILIES.get(path) or next((c for c in FAMILIES.values() if name == c.__name__), None)
+    cls = FAMILIES.get(path) or {c.__name__: c for c in FAMILIES.values()}.get(path.rsplit(".", 1)[-1])
     if cls is None:
         names = ", ".join(c.__name__ for c in FAMILIES.values())
         raise UserError(f"unknown model family {path!r}; choose one of: {names}")

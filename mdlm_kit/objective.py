@@ -1,41 +1,26 @@
-"""The Rao-Blackwellized NELBO of absorbing-state (masked) diffusion (MDLM, MD4).
+"""The Rao-Blackwellized NELBO of absorbing-state (masked) diffusion (MDLM, MD4), per sequence, in nats.
 
-Continuous time (Sahoo et al. 2024, eq. 10; Shi et al. 2024, eq. 5), per sequence, in nats:
+Continuous time (Sahoo et al. 2024, eq. 10; Shi et al. 2024, eq. 5), with w(t) = -alpha'(t) / (1 - alpha(t)):
 
     NELBO(x) = E_{t ~ U(0,1]} E_{z_t ~ q(.|x)} [ w(t) * sum_{l : z_t^l = mask} -log p_theta(x^l | z_t) ]
              + alpha(1) * sum_l -log p_theta(x^l | all masked)            (endpoint, 0 when alpha(1) = 0)
 
-with w(t) = -alpha'(t) / (1 - alpha(t)). SUBS parameterization: the model never
-predicts the mask token (its logit is -inf) and clean positions are carried
-over, so they contribute exactly 0.
+SUBS parameterization: the mask token's logit is -inf and clean positions are carried over (they contribute 0).
+The endpoint term keeps the bound honest for schedules that stop short of all-masked (loglinear with eps,
+geometric): generation starts from all-masked, and its first step reveals each token with probability alpha(1).
 
-The endpoint term makes the bound honest for schedules that stop short of
-all-masked (MDLM's loglinear with eps, geometric): the generative process
-starts from the all-masked sequence and its first step reveals each token with
-probability alpha(1), which is one discrete step from alpha = 0 to alpha(1).
-Samplers start from that same all-masked state.
+Discrete time, T steps, t_i = i/T, s_i = (i-1)/T: the weight is (alpha(s_i) - alpha(t_i)) / (1 - alpha(t_i)), with
+one uniformly drawn i per sequence (times T). It approaches the continuous NELBO from above as T grows.
 
-Discrete time with T steps: t_i = i/T, s_i = (i-1)/T, and
-
-    NELBO_T(x) = sum_i E_{z_t_i} [ (alpha(s_i) - alpha(t_i)) / (1 - alpha(t_i)) * sum_{masked l} -log p(x^l | z_t_i) ]
-
-estimated with one uniformly drawn i per sequence (times T). It approaches
-the continuous NELBO from above as T grows.
-
-Time-agnostic models admit a second, lower-variance estimator of the same
-continuous NELBO ("count"): given the number k of masked tokens, the masked set
-is a uniform k-subset whatever t was, so t integrates out in closed form. With
-m1 = 1 - alpha(1), substituting m = 1 - alpha(t) (w dt = dm / m):
+The ``count`` estimator (time-agnostic models): given the number k of masked tokens, the masked set is a uniform
+k-subset whatever t was, so t integrates out. With m = 1 - alpha(t) (w dt = dm / m) and m1 = 1 - alpha(1):
 
     W(k) = int_0^1 w(t) Binom(k; L, m(t)) dt = (1/k) P(Binom(L, m1) >= k)      (= 1/k when alpha(1) = 0)
     NELBO(x) = sum_{k=1}^{L} W(k) E_{|S| = k} [ sum_{l in S} -log p(x^l | x with S masked) ] + endpoint
 
-and k is drawn uniformly from {1..L} (stratified across the batch), the k
-masked positions being those with the smallest per-token uniforms. The weight
-L W(k) is at most L, where the time estimator's w(t) is unbounded near t = 0
-(a token masked at t = 1e-4 weighs 10,000): the same expectation, without the
-heavy tail. It equals the any-order autoregressive form of the bound
-(Hoogeboom et al. 2022; Ou et al. 2024).
+k is uniform on {1..L} (stratified across the batch), the masked positions those with the k smallest uniforms. L W(k)
+is at most L, where w(t) is unbounded near t = 0: the same expectation without the heavy tail. It is the any-order
+autoregressive form of the bound (Hoogeboom et al. 2022; Ou et al. 2024).
 """
 
 from __future__ import annotations
@@ -52,22 +37,9 @@ from mdlm_kit import rng
 from mdlm_kit.kernels.weighted_ce import weighted_linear_cross_entropy
 from mdlm_kit.schedules import Schedule
 
-__all__ = [
-    "Denoiser",
-    "NelboTerms",
-    "subs_log_probs",
-    "masked_nll",
-    "corrupt",
-    "corrupt_time",
-    "corrupt_count",
-    "masked_rows_loss",
-    "endpoint_term",
-    "nelbo",
-    "nelbo_from_keys",
-    "count_weights",
-    "autoregressive_nll",
-    "ESTIMATORS",
-]
+__all__ = ["Denoiser", "NelboTerms", "subs_log_probs", "masked_nll", "corrupt", "corrupt_time", "corrupt_count",
+           "masked_rows_loss", "endpoint_term", "nelbo", "nelbo_from_keys", "count_weights", "autoregressive_nll",
+           "ESTIMATORS"]
 
 Estimator = Literal["time", "count"]
 ESTIMATORS = get_args(Estimator)
@@ -87,23 +59,19 @@ class NelboTerms:
     total: Tensor | None = None  # differentiable sum of per_seq when per_seq itself is detached (masked-only head)
 
     def per_token(self) -> Tensor:
-        """Per-token NELBO of the batch: sum of sequence NELBOs over the sum of tokens."""
         total = self.per_seq.sum() if self.total is None else self.total
         return total / self.num_tokens.sum()
 
 
 def subs_log_probs(logits: Tensor, mask_id: int) -> Tensor:
     """log-softmax in float32 with the mask token's logit at -inf (the model never predicts a mask)."""
-    logits = logits.float()
-    mask_col = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    mask_col[mask_id] = True
-    return torch.log_softmax(logits.masked_fill(mask_col, float("-inf")), dim=-1)
+    mask_col = torch.arange(logits.shape[-1], device=logits.device) == mask_id
+    return torch.log_softmax(logits.float().masked_fill(mask_col, float("-inf")), dim=-1)
 
 
 def masked_nll(logits: Tensor, x0: Tensor, masked: Tensor, mask_id: int) -> Tensor:
     """(B, L) float32 -log p(x0 | z_t) at masked positions; exactly 0 where the token is clean (SUBS carry-over)."""
-    nll = -subs_log_probs(logits, mask_id).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-    return torch.where(masked, nll, torch.zeros_like(nll))
+    return torch.where(masked, -subs_log_probs(logits, mask_id).gather(-1, x0.unsqueeze(-1)).squeeze(-1), 0.0)
 
 
 def corrupt(x0: Tensor, mask_rate: Tensor, u: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
@@ -115,17 +83,15 @@ def corrupt(x0: Tensor, mask_rate: Tensor, u: Tensor, mask_id: int) -> tuple[Ten
 def count_weights(length: int, mask_rate_at_one: float, device=None) -> Tensor:
     """(length + 1,) float64: W(k) = (1/k) P(Binom(length, m1) >= k) for k >= 1, W(0) = 0."""
     k = torch.arange(length + 1, dtype=torch.float64, device=device)
-    m1 = float(mask_rate_at_one)
+    m1, n = float(mask_rate_at_one), float(length)
     if m1 >= 1.0:
         survival = torch.ones_like(k)
     else:
-        n = float(length)
         log_pmf = (
             torch.lgamma(torch.tensor(n + 1.0, dtype=torch.float64)) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
             + k * math.log(m1) + (n - k) * math.log1p(-m1)
         )
-        # P(X >= k): cumulative sum of the pmf from the top
-        survival = torch.flip(torch.cumsum(torch.flip(log_pmf.exp(), [0]), 0), [0]).clamp(max=1.0)
+        survival = torch.flip(torch.cumsum(torch.flip(log_pmf.exp(), [0]), 0), [0]).clamp(max=1.0)  # P(X >= k)
     weights = survival / k.clamp(min=1)
     weights[0] = 0.0
     return weights
@@ -146,10 +112,14 @@ def _hide_padding(u: Tensor, valid: Tensor | None) -> Tensor:
     return u if valid is None else torch.where(valid, u, 2.0)  # a uniform of 2 is never below a mask rate
 
 
+def _real(x0: Tensor, valid: Tensor | None) -> Tensor:
+    return torch.ones_like(x0, dtype=torch.bool) if valid is None else valid  # (B, L) the tokens that count
+
+
 def corrupt_time(x0: Tensor, t: Tensor, u: Tensor, schedule: Schedule, mask_id: int, num_steps: int | None = None,
                  valid: Tensor | None = None, time_conditioning: bool = False) -> Corruption:
-    """The ``time`` estimator: mask each token with probability 1 - alpha(t), weight w(t) (or the discrete-time
-    step weight (alpha(s) - alpha(t)) / (1 - alpha(t)) times T with ``num_steps`` = T)."""
+    """The ``time`` estimator: each token masked with probability 1 - alpha(t), weight w(t) (continuous time) or T
+    times the step weight (``num_steps`` = T)."""
     t = t.to(torch.float64)
     if num_steps is None:
         rate, weight, level = schedule.mask_rate(t), schedule.weight(t), t
@@ -166,83 +136,64 @@ def corrupt_count(x0: Tensor, t: Tensor, u: Tensor, schedule: Schedule, mask_id:
                   valid: Tensor | None = None) -> Corruption:
     """The ``count`` estimator (time-agnostic models, continuous time): k = ceil(t n) of the n real tokens masked,
     the k with the smallest uniforms (a uniform k-subset), weight n W(k)."""
-    batch, length = x0.shape
-    n = torch.full((batch,), length, device=x0.device) if valid is None else valid.sum(-1).clamp(min=1)
+    n = _real(x0, valid).sum(-1).clamp(min=1)
     k = torch.minimum(torch.ceil(t.to(torch.float64) * n).clamp(min=1).long(), n)  # (B,) uniform on 1..n
     ranks = _hide_padding(u, valid).argsort(dim=-1).argsort(dim=-1)  # padding ranks last: never among the k
     masked = ranks < k.unsqueeze(-1)
-    zt = torch.where(masked, torch.full_like(x0, mask_id), x0)
     m1 = float(1.0 - schedule.alpha_at_one)
-    weight = torch.empty(batch, dtype=torch.float64, device=x0.device)
+    weight = torch.empty(len(x0), dtype=torch.float64, device=x0.device)
     for n_i in n.unique().tolist():  # W depends on the sequence's length: one table per length
         rows = n == n_i
-        weight[rows] = n_i * count_weights(int(n_i), m1, x0.device)[k[rows]]
-    return Corruption(zt, masked, weight, k.double() / n.double(), None)
+        weight[rows] = n_i * count_weights(n_i, m1, x0.device)[k[rows]]
+    return Corruption(torch.where(masked, mask_id, x0), masked, weight, k.double() / n.double(), None)
 
 
 def masked_rows_loss(features: Tensor, head: nn.Linear, x0: Tensor, masked: Tensor, weight: Tensor, mask_id: int,
                      kernel: str = "auto") -> tuple[Tensor, Tensor]:
-    """Project only the masked rows of ``features`` (B, L, D) through ``head`` and return (the differentiable
-    weighted sum of their NLLs, the (B,) float64 per-sequence sums, detached): the fused weighted cross-entropy
-    (``kernels.weighted_ce``), same value and gradients as full logits, without the unmasked rows."""
+    """(the differentiable weighted sum of the masked tokens' NLLs, their (B,) float64 per-sequence sums, detached),
+    projecting only the masked rows of ``features`` (B, L, D) through ``head`` with the fused weighted cross-entropy
+    (``kernels.weighted_ce``): same value and gradients as full logits."""
     b_idx, l_idx = masked.nonzero(as_tuple=True)
     row_w = weight[b_idx]  # (N,) float64
     total, nll_rows = weighted_linear_cross_entropy(features[b_idx, l_idx], head.weight, head.bias,
                                                     x0[b_idx, l_idx], row_w, mask_id, kernel=kernel)
-    per_seq = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
-    per_seq.index_add_(0, b_idx, nll_rows.double() * row_w)
-    return total, per_seq
+    per_seq = torch.zeros(len(x0), dtype=torch.float64, device=x0.device)
+    return total, per_seq.index_add_(0, b_idx, nll_rows.double() * row_w)
 
 
 def endpoint_term(logits_fn: Callable[[Tensor, Tensor | None], Tensor], x0: Tensor, schedule: Schedule, mask_id: int,
                   valid: Tensor | None = None, time_conditioning: bool = False) -> Tensor:
-    """(B,) float64 alpha(1) * sum_l -log p(x0^l | all masked): the first generative step's term, for schedules
-    that stop short of all-masked (0 when alpha(1) = 0)."""
-    batch, length = x0.shape
+    """(B,) float64 alpha(1) * sum_l -log p(x0^l | all masked): the endpoint term (0 when alpha(1) = 0)."""
     alpha_one = schedule.alpha_at_one
     if alpha_one <= 0.0:
-        return torch.zeros(batch, dtype=torch.float64, device=x0.device)
-    if valid is None:  # the all-masked input is the same for every sequence: one forward pass of batch 1
-        z1 = torch.full((1, length), mask_id, dtype=x0.dtype, device=x0.device)
-        cond = torch.ones(1, device=x0.device) if time_conditioning else None
-        logp1 = subs_log_probs(logits_fn(z1, cond), mask_id)[0]  # (L, V)
-        nll1 = -logp1.gather(-1, x0.T).T  # (B, L): -log p(x0[b, l] | all masked) at position l
-    else:  # every real token masked, the padding as given: one input per sequence
-        z1 = torch.where(valid, torch.full_like(x0, mask_id), x0)
-        cond = torch.ones(batch, device=x0.device) if time_conditioning else None
-        logp1 = subs_log_probs(logits_fn(z1, cond), mask_id)  # (B, L, V)
-        nll1 = -logp1.gather(-1, x0.unsqueeze(-1)).squeeze(-1) * valid
+        return torch.zeros(len(x0), dtype=torch.float64, device=x0.device)
+    # without padding the all-masked input is the same for every sequence: one forward pass of batch 1; with
+    # padding, every real token masked and the padding as given
+    z1 = torch.full_like(x0[:1], mask_id) if valid is None else torch.where(valid, mask_id, x0)
+    logits = logits_fn(z1, torch.ones(len(z1), device=x0.device) if time_conditioning else None)
+    if valid is None:  # (B, L): -log p(x0[b, l] | all masked) at position l
+        nll1 = -subs_log_probs(logits, mask_id)[0].gather(-1, x0.T).T
+    else:
+        nll1 = masked_nll(logits, x0, valid, mask_id)
     return alpha_one * nll1.double().sum(-1)
 
 
-def nelbo(
-    model: Denoiser,
-    x0: Tensor,
-    t: Tensor,
-    u: Tensor,
-    schedule: Schedule,
-    mask_id: int,
-    num_steps: int | None = None,
-    time_conditioning: bool | None = None,
-    estimator: Estimator = "time",
-    head: nn.Linear | None = None,
-    kernel: Literal["auto", "always", "never"] = "auto",
-    valid: Tensor | None = None,
-) -> NelboTerms:
+def nelbo(model: Denoiser, x0: Tensor, t: Tensor, u: Tensor, schedule: Schedule, mask_id: int,
+          num_steps: int | None = None, time_conditioning: bool | None = None, estimator: Estimator = "time",
+          head: nn.Linear | None = None, kernel: Literal["auto", "always", "never"] = "auto",
+          valid: Tensor | None = None) -> NelboTerms:
     """One-sample NELBO estimate per sequence: corruption, the masked tokens' weighted NLL, the endpoint term.
 
     Args:
         model: the denoiser, ``model(z_t, cond) -> logits (B, L, V)``; with ``head``, its features (B, L, D)
-            before that output projection (the DiT: ``model=dit.features, head=dit.head``), and only the masked
-            rows are projected (``masked_rows_loss``; then ``per_seq`` is detached and ``total`` carries the
-            gradient).
+            before that output projection (``model=dit.features, head=dit.head``): only the masked rows are
+            projected (``masked_rows_loss``), ``per_seq`` is detached and ``total`` carries the gradient.
         x0: (B, L) clean token ids (never the mask id).
         t: (B,) stratified uniforms in (0, 1]: the time (``time``) or the masked fraction (``count``).
         u: (B, L) uniforms in (0, 1) that decide which tokens are masked.
         num_steps: None for continuous time, else the number of discrete steps T (``time`` only).
-        time_conditioning: pass the mask rate to the model (else ``cond`` is None); None (default): as the
-            model's ``config.time_conditioning`` says (False for a model without one).
-        estimator: ``time`` or ``count`` (t integrated out; time-agnostic models in continuous time).
+        time_conditioning: pass the mask rate to the model (else ``cond`` is None); None: as the model's
+            ``config.time_conditioning`` says (False for a model without one).
         kernel: the fused cross-entropy's row step: ``auto`` (Triton on CUDA), ``always``, ``never``.
         valid: (B, L) bool, the real tokens of padded sequences (default: all). Padding is never masked, never
             scored and not counted; the model sees it as given.
@@ -260,48 +211,35 @@ def nelbo(
         c = corrupt_count(x0, t, u, schedule, mask_id, valid)
     else:
         c = corrupt_time(x0, t, u, schedule, mask_id, num_steps, valid, time_conditioning)
-    logits_fn = model if head is None else (lambda z, cond: head(model(z, cond)))
-    total = None
-    if head is not None:
-        total, per_seq = masked_rows_loss(model(c.zt, c.cond), head, x0, c.masked, c.weight, mask_id, kernel)
-    else:
+    if head is None:
+        total = None
         per_seq = (masked_nll(model(c.zt, c.cond), x0, c.masked, mask_id).double() * c.weight.unsqueeze(-1)).sum(-1)
+    else:
+        total, per_seq = masked_rows_loss(model(c.zt, c.cond), head, x0, c.masked, c.weight, mask_id, kernel)
+    logits_fn = model if head is None else (lambda z, cond: head(model(z, cond)))
     endpoint = endpoint_term(logits_fn, x0, schedule, mask_id, valid, time_conditioning)
-    num_tokens = (torch.full((x0.shape[0],), float(x0.shape[1]), dtype=torch.float64, device=x0.device)
-                  if valid is None else valid.sum(-1).to(torch.float64))
-    if total is not None:
-        total = total + endpoint.sum()
-    return NelboTerms(per_seq=per_seq + endpoint, num_tokens=num_tokens, endpoint=endpoint, level=c.level, total=total)
+    return NelboTerms(per_seq + endpoint, _real(x0, valid).sum(-1).to(torch.float64), endpoint, c.level,
+                      None if total is None else total + endpoint.sum())
 
 
 def autoregressive_nll(model: Denoiser, x0: Tensor, start_id: int, valid: Tensor | None = None) -> NelboTerms:
-    """Exact -log p(x0) of a causal model, per sequence (float64 nats), every token scored.
+    """Exact -log p(x0) of a causal model, per sequence (float64 nats), every real token scored.
 
-    The input is ``[start, x0[:-1]]`` and position l predicts ``x0[l]``, so the first token is
-    predicted from the start token alone. ``start_id`` (the mask id) never occurs in data and is
-    never predicted (its logit is -inf, as under SUBS): the same support as the diffusion model.
+    The input is ``[start, x0[:-1]]``: the first token is predicted from the start token alone. ``start_id`` (the
+    mask id) never occurs in data and is never predicted (its logit is -inf, as under SUBS): the same support as the
+    diffusion model. Padding follows the text: it is neither scored nor counted.
     """
-    batch, length = x0.shape
-    start = torch.full((batch, 1), start_id, dtype=x0.dtype, device=x0.device)
-    logits = model(torch.cat([start, x0[:, :-1]], dim=1), None)  # (B, L, V)
-    nll = -subs_log_probs(logits, start_id).gather(-1, x0.unsqueeze(-1)).squeeze(-1)  # (B, L)
-    zeros = torch.zeros(batch, dtype=torch.float64, device=x0.device)
-    num_tokens = torch.full((batch,), float(length), dtype=torch.float64, device=x0.device)
-    if valid is not None:  # padding follows the text: it is neither scored nor counted
-        nll = nll * valid
-        num_tokens = valid.sum(-1).to(torch.float64)
-    return NelboTerms(per_seq=nll.double().sum(-1), num_tokens=num_tokens, endpoint=zeros)
+    logits = model(torch.cat([torch.full_like(x0[:, :1], start_id), x0[:, :-1]], dim=1), None)  # (B, L, V)
+    real = _real(x0, valid)
+    nll = masked_nll(logits, x0, real, start_id).double().sum(-1)
+    return NelboTerms(nll, real.sum(-1).to(torch.float64), torch.zeros_like(nll))
 
 
 def nelbo_from_keys(model: Denoiser, x0: Tensor, keys: Tensor, schedule: Schedule, mask_id: int, seed: int,
                     stream: int, **options) -> NelboTerms:
     """``nelbo`` (``options``: its keyword arguments) with times and masks drawn from (seed, stream, key) per
-    sequence.
-
-    A sequence's corruption depends only on its key (e.g. its index in the data
-    stream), so estimates do not change with the batch size or the number of
-    processes; consecutive keys get stratified times.
-    """
+    sequence: a sequence's corruption depends only on its key (e.g. its index in the data stream), never on the
+    batch size or the number of processes; consecutive keys get stratified times."""
     t = rng.stratified_times(seed, stream, keys)
     u = rng.token_uniforms(seed, stream, keys, x0.shape[1])
     return nelbo(model, x0, t, u, schedule, mask_id, **options)
