@@ -1,17 +1,11 @@
-"""Fused masked categorical sampling: Gumbel-argmax over the vocabulary in one pass.
+"""Fused masked categorical sampling: Gumbel-argmax over the vocabulary in one pass, never the mask column (SUBS).
 
-For each selected row of a logits matrix, one program streams the vocabulary in chunks,
-keeping an online maximum and log-sum-exp (for the chosen token's log-probability) and a
-running Gumbel-argmax; the mask token's column is skipped (SUBS: never sampled). Only the
-rows listed in ``rows`` are read, so a sampler step reads just the positions it reveals.
+One program per selected row streams the vocabulary in chunks with an online log-sum-exp (for the chosen token's
+log-probability) and a running Gumbel-argmax; only the listed rows are read. The noise is ``mdlm_kit.rng``'s,
+generated in the kernel, so kernel and reference draw the same tokens for the same keys.
 
-The Gumbel noise is generated in the kernel with the same counter-based generator as
-``mdlm_kit.rng`` (splitmix64 over (row key, vocabulary index), 52-bit uniforms,
--log(-log u) in float64), so kernel and reference draw the same tokens for the same keys.
-
-Layering: ``_masked_gumbel_argmax_kernel`` (Triton) -> ``masked_categorical_triton``
-(launcher) -> ``masked_categorical`` (picks the kernel on CUDA, the reference elsewhere).
-No backward: sampling is not differentiated.
+Layering: ``_masked_gumbel_argmax_kernel`` (Triton) -> ``masked_categorical_triton`` (launcher, which
+``sampling.categorical.sample_categorical`` calls); no backward.
 """
 
 from __future__ import annotations
@@ -21,27 +15,14 @@ from torch import Tensor
 
 from mdlm_kit import rng
 
-_GOLDEN = 0x9E3779B97F4A7C15
-
 
 def masked_categorical_reference(logits: Tensor, rows: Tensor, row_hash: Tensor, mask_id: int,
                                  temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Pure-torch reference with the kernel's signature.
-
-    Args:
-        logits: (N, V) float logits; only ``rows`` are read.
-        rows: (R,) int64 indices of the rows to sample.
-        row_hash: (R,) int64 per-row noise state (``rng.row_hash``).
-        mask_id: the column never sampled.
-        temperature: > 0.
-    Returns:
-        tokens (R,) int64 and their log-probabilities (R,) float64.
-    """
+    """Pure-torch reference with the kernel's signature: for the rows ``rows`` (R,) of ``logits`` (N, V), with noise
+    states ``row_hash`` (R,) (``rng.row_hash``), tokens (R,) int64 and their log-probabilities (R,) float64."""
     x = logits[rows].to(torch.float64) / temperature
     x[:, mask_id] = float("-inf")
-    pos = torch.arange(1, x.shape[1] + 1, dtype=torch.int64, device=x.device) * rng._signed(_GOLDEN)
-    u = rng.bits_to_uniform(rng.splitmix64(row_hash[:, None] + pos[None, :]))
-    tokens = (x - torch.log(-torch.log(u))).argmax(-1)
+    tokens = (x - torch.log(-torch.log(rng.hash_uniforms(row_hash, x.shape[1])))).argmax(-1)
     logp = x.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(x, -1)
     return tokens, logp
 
@@ -126,11 +107,3 @@ def masked_categorical_triton(logits: Tensor, rows: Tensor, row_hash: Tensor, ma
         vocab, logits.stride(0), mask_id, 1.0 / temperature, BLOCK_V=block,
     )
     return tokens, logp
-
-
-def masked_categorical(logits: Tensor, rows: Tensor, row_hash: Tensor, mask_id: int,
-                       temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """The kernel on CUDA (when Triton is available), the torch reference elsewhere."""
-    if logits.is_cuda and triton is not None:
-        return masked_categorical_triton(logits, rows, row_hash, mask_id, temperature)
-    return masked_categorical_reference(logits, rows, row_hash, mask_id, temperature)

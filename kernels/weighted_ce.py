@@ -1,20 +1,13 @@
-"""Fused linear + weighted cross-entropy over selected rows, without the logits of the whole batch.
-
-The NELBO only needs -log p(x_l | z_t) at masked positions, weighted per row:
+"""Fused linear + weighted cross-entropy over selected rows (the NELBO's masked positions), without (N, V) logits:
 
     loss = sum_i w_i * ( logsumexp_{v != ignore} (h_i . W_v + b_v) - (h_i . W_{y_i} + b_{y_i}) )
 
-``weighted_linear_cross_entropy`` computes it chunk by chunk over the rows (as fused linear
-cross-entropy in Liger-Kernel): a chunk's logits (rows x vocabulary, float32) are formed, turned
-into per-row losses and, in the same pass, into the gradient w_i (softmax_i - onehot(y_i)), which is
-multiplied straight into the gradients of h, W and b. No (N, V) tensor ever exists, and the
-backward pass only scales the stored gradients by the incoming scalar. The ``ignore`` column (the
-mask token, SUBS) gets probability 0 and gradient 0.
+As Liger-Kernel's fused linear cross-entropy: chunk by chunk over the rows, the float32 logits become per-row losses
+and, in the same pass, the gradient w_i (softmax_i - onehot(y_i)), multiplied straight into the gradients of h, W
+and b; backward only scales them. The ``ignore`` column (the mask token, SUBS) gets probability 0 and gradient 0.
 
-Layering: ``_weighted_ce_rows_kernel`` (Triton: one program per row streams the vocabulary twice,
-online log-sum-exp, then the gradient in place) -> ``weighted_ce_rows_triton`` (launcher) ->
-``_FusedLinearWeightedCE`` (autograd.Function, chunk loop) -> ``weighted_linear_cross_entropy``.
-``weighted_ce_rows_reference`` is the pure-torch row step with the kernel's signature, used on CPU.
+Layering: ``_weighted_ce_rows_kernel`` (Triton) -> ``weighted_ce_rows_triton`` (launcher; the pure-torch
+``weighted_ce_rows_reference`` on CPU) -> ``_FusedLinearWeightedCE`` (chunk loop) -> ``weighted_linear_cross_entropy``.
 """
 
 from __future__ import annotations
@@ -27,11 +20,9 @@ from mdlm_kit.kernels import Kernel, use_kernel
 
 def weighted_ce_rows_reference(logits: Tensor, targets: Tensor, row_weights: Tensor, ignore_index: int,
                                write_grad: bool) -> Tensor:
-    """Per-row NLL (float32) of float32 ``logits`` (n, V), which it overwrites; if ``write_grad``, with
-    d(sum_i w_i nll_i)/d logits = w_i (softmax_i - onehot(y_i)), zero in the ignored column.
-
-    In place and in few passes (max; subtract and exponentiate; sum; scale): the chunk is the only
-    large buffer, and on CPU these passes, not the matmuls, are what the fused path adds.
+    """Per-row NLL (float32) of float32 ``logits`` (n, V), which it overwrites, if ``write_grad``, with
+    d(sum_i w_i nll_i)/d logits = w_i (softmax_i - onehot(y_i)), zero in the ignored column. In place and in few
+    passes: the chunk is the only large buffer, and on CPU these passes, not the matmuls, are the fused path's cost.
     """
     rows = torch.arange(len(targets), device=logits.device)
     logits[:, ignore_index] = float("-inf")
@@ -82,8 +73,7 @@ if triton is not None:
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
             m = m_new
         lse = m + tl.log(s)
-        x_y = tl.load(base + y).to(tl.float32)
-        tl.store(nll_ptr + pid, lse - x_y)
+        tl.store(nll_ptr + pid, lse - tl.load(base + y).to(tl.float32))
         if WRITE_GRAD:
             # pass 2: gradient w (softmax - onehot), 0 at the ignored column
             w = tl.load(weights_ptr + pid).to(tl.float32)
@@ -91,8 +81,7 @@ if triton is not None:
                 cols = start + tl.arange(0, BLOCK_V)
                 inside = cols < V
                 x = tl.load(base + cols, mask=inside, other=0.0).to(tl.float32)
-                p = tl.exp(x - lse)
-                p = tl.where(cols == ignore_index, 0.0, p)
+                p = tl.where(cols == ignore_index, 0.0, tl.exp(x - lse))
                 p = tl.where(cols == y, p - 1.0, p)
                 tl.store(base + cols, p * w, mask=inside)
 
@@ -115,15 +104,11 @@ def weighted_ce_rows_triton(logits: Tensor, targets: Tensor, row_weights: Tensor
     return nll
 
 
-def _rows_step(triton_rows: bool):
-    return weighted_ce_rows_triton if triton_rows else weighted_ce_rows_reference
-
-
 class _FusedLinearWeightedCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, row_weights, ignore_index, chunk_rows, kernel_rows, needs_grad):
         n_rows = h.shape[0]
-        step = _rows_step(kernel_rows)
+        step = weighted_ce_rows_triton if kernel_rows else weighted_ce_rows_reference
         nll = torch.empty(n_rows, dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if needs_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if needs_grad else None
@@ -132,7 +117,8 @@ class _FusedLinearWeightedCE(torch.autograd.Function):
         # one float32 buffer for every chunk: fresh 64 MB allocations cost page faults on every chunk
         buf = torch.empty(min(chunk_rows, n_rows), weight.shape[0], dtype=torch.float32, device=h.device)
         for lo in range(0, n_rows, chunk_rows):
-            hc = h[lo : lo + chunk_rows]  # (n, D)
+            rows = slice(lo, lo + chunk_rows)
+            hc = h[rows]  # (n, D)
             logits = buf[: len(hc)]  # (n, V)
             if h.dtype == torch.float32:
                 if bias is not None:  # the bias added inside the matmul, no second pass
@@ -141,10 +127,9 @@ class _FusedLinearWeightedCE(torch.autograd.Function):
                     torch.mm(hc, w_mat.T, out=logits)
             else:  # low-precision matmul, float32 logits
                 logits.copy_(hc @ w_mat.T if bias is None else torch.addmm(bias.to(hc.dtype), hc, w_mat.T))
-            nll[lo : lo + len(hc)] = step(logits, targets[lo : lo + len(hc)], row_weights[lo : lo + len(hc)],
-                                          ignore_index, needs_grad)
+            nll[rows] = step(logits, targets[rows], row_weights[rows], ignore_index, needs_grad)
             if needs_grad:  # logits now hold d loss / d logits for this chunk
-                grad_h[lo : lo + len(hc)] = (logits.to(h.dtype) @ w_mat).to(h.dtype)
+                grad_h[rows] = (logits.to(h.dtype) @ w_mat).to(h.dtype)
                 grad_w.addmm_(logits.T, hc.float())
                 grad_b += logits.sum(0)
         if needs_grad:
@@ -168,17 +153,10 @@ def weighted_linear_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor | None
                                   kernel: Kernel = "auto") -> tuple[Tensor, Tensor]:
     """sum_i w_i CE(h_i W^T + b, y_i) with the ``ignore_index`` column excluded, chunk by chunk.
 
-    Args:
-        h: (N, D) hidden states of the selected rows (float32 or bf16/fp16).
-        weight: (V, D) output projection; bias: (V,) or None.
-        targets: (N,) int64 target ids.
-        row_weights: (N,) weights w_i (float); not differentiated.
-        ignore_index: the column with probability 0 (the mask token).
-        chunk_rows: rows per chunk (default: about 64 MB of float32 logits).
-        kernel: ``auto`` (Triton on CUDA, the torch row step elsewhere), ``always`` or ``never``.
-    Returns:
-        the weighted sum (float64 scalar, differentiable w.r.t. h, weight, bias) and the per-row
-        NLL (N,) float32 (not differentiable).
+    ``h`` (N, D) float32 or bf16/fp16, ``weight`` (V, D), ``bias`` (V,) or None, ``targets`` (N,) int64,
+    ``row_weights`` (N,), not differentiated; ``chunk_rows`` defaults to about 64 MB of float32 logits.
+    Returns the weighted sum (float64 scalar, differentiable w.r.t. h, weight, bias) and the per-row NLL (N,)
+    float32 (not differentiable).
     """
     V = weight.shape[0]
     chunk_rows = chunk_rows or max(1, (1 << 24) // V)

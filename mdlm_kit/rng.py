@@ -1,15 +1,16 @@
 """Counter-based random numbers: noise that depends only on (seed, stream, key).
 
-The corruption of a training or evaluation sample is a function of a seed and
-the sample's index alone, never of the batch it sits in or of the number of
-processes, so a loss or a bound does not change with batch size or world size.
-splitmix64 in int64 arithmetic gives the same bits on every device.
+A sample's corruption is a function of a seed and the sample's index alone, never of its batch or the number of
+processes, so a loss or a bound does not change with batch or world size. splitmix64 in int64 arithmetic gives the
+same bits on every device.
 """
 
 from __future__ import annotations
 
 import math
+import random
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,6 +24,7 @@ _GOLDEN_FRACTION = (math.sqrt(5.0) - 1.0) / 2.0
 STREAM_TRAIN = 1
 STREAM_VAL = 2
 STREAM_EVAL = 3
+STREAM_SAMPLE = 4
 
 
 def _signed(x: int) -> int:
@@ -63,28 +65,24 @@ def row_hash(seed: int, stream: int, keys: Tensor) -> Tensor:
     return splitmix64(_base(seed, stream, keys.device) ^ splitmix64(keys))
 
 
-def token_uniforms(seed: int, stream: int, keys: Tensor, length: int) -> Tensor:
-    """(B, length) float64 uniforms for the samples with integer ``keys`` (B,)."""
-    h = row_hash(seed, stream, keys)  # (B,)
-    pos = torch.arange(1, length + 1, dtype=torch.int64, device=keys.device) * _signed(_GOLDEN)
+def hash_uniforms(h: Tensor, length: int) -> Tensor:
+    """(B, length) float64 uniforms from the row states ``h`` (B,): uniform j is splitmix64(h + (j + 1) golden)."""
+    pos = torch.arange(1, length + 1, dtype=torch.int64, device=h.device) * _signed(_GOLDEN)
     return bits_to_uniform(splitmix64(h[:, None] + pos[None, :]))
 
 
-def stratified_times(seed: int, stream: int, keys: Tensor) -> Tensor:
-    """t in (0, 1] for each key: t = 1 - frac(c + key * g), with a seed-dependent offset c.
+def token_uniforms(seed: int, stream: int, keys: Tensor, length: int) -> Tensor:
+    """(B, length) float64 uniforms for the samples with integer ``keys`` (B,)."""
+    return hash_uniforms(row_hash(seed, stream, keys), length)
 
-    Each t is uniform over the random offset; consecutive keys are spread evenly
-    over (0, 1] (stratified sampling across a batch, as MDLM's antithetic times),
-    without the batch size entering the formula.
-    """
+
+def stratified_times(seed: int, stream: int, keys: Tensor) -> Tensor:
+    """t in (0, 1] for each key: t = 1 - frac(c + key * g), with a seed-dependent offset c. Each t is uniform;
+    consecutive keys spread evenly over (0, 1] (stratified across a batch, as MDLM's antithetic times)."""
     keys = keys.to(torch.int64)
     c = bits_to_uniform(splitmix64(_base(seed, stream, keys.device) + 0x5151))
     # key * g in float64 is exact to ~1e-16 * key: far below any useful resolution for key < 2^40
-    frac = torch.remainder(c + keys.to(torch.float64) * _GOLDEN_FRACTION, 1.0)
-    return 1.0 - frac
-
-
-STREAM_SAMPLE = 4
+    return 1.0 - torch.remainder(c + keys.to(torch.float64) * _GOLDEN_FRACTION, 1.0)
 
 
 def combine(*parts: Tensor | int) -> Tensor:
@@ -99,10 +97,6 @@ def combine(*parts: Tensor | int) -> Tensor:
 def global_states() -> dict:
     """The process's global generators (Python, NumPy, torch CPU and this process's CUDA device): what dropout
     and any other stateful randomness draw from, saved in checkpoints so a resumed run draws what it would have."""
-    import random
-
-    import numpy as np
-
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     # tensors and plain numbers only, so the checkpoint still loads with torch.load(weights_only=True)
     numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
@@ -115,10 +109,6 @@ def global_states() -> dict:
 
 
 def set_global_states(states: dict) -> None:
-    import random
-
-    import numpy as np
-
     random.setstate(states["python"])
     name, keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))

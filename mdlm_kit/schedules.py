@@ -1,20 +1,7 @@
-"""Absorbing-state noise schedules.
+"""Absorbing-state noise schedules: alpha(t) is the probability that a token is still clean at time t in [0, 1].
 
-A schedule gives alpha(t), the probability that a token is still clean at time
-t in [0, 1]: alpha(0) = 1 (clean data) and alpha(1) ~ 0 (everything masked);
-each token is masked independently with probability 1 - alpha(t).
-
-Every schedule provides
-- ``alpha(t)`` and ``mask_rate(t) = 1 - alpha(t)`` (computed directly, so it is
-  accurate where alpha is close to 1),
-- ``dalpha(t)``: alpha'(t),
-- ``inverse(alpha)``: the t with alpha(t) = alpha (the first-hitting sampler
-  draws unmasking times through it),
-- ``weight(t)``: the continuous-time NELBO weight -alpha'(t) / (1 - alpha(t)).
-
-A schedule whose alpha(1) is above 0 (MDLM's loglinear with eps, geometric)
-leaves a fraction of tokens clean at t = 1; ``objective.nelbo`` accounts for
-that with an exact endpoint term instead of dropping it.
+alpha(0) = 1 and alpha(1) ~ 0; a schedule whose alpha(1) is above 0 (loglinear with eps, geometric) leaves a
+fraction of tokens clean at t = 1, which ``objective.nelbo`` accounts for with an exact endpoint term.
 """
 
 from __future__ import annotations
@@ -26,18 +13,7 @@ import torch
 from torch import Tensor
 
 from mdlm_kit.errors import UserError
-from mdlm_kit.specs import spec
-
-__all__ = [
-    "Schedule",
-    "LogLinear",
-    "Linear",
-    "Cosine",
-    "Polynomial",
-    "Geometric",
-    "SCHEDULES",
-    "make_schedule",
-]
+from mdlm_kit.specs import init_args, spec
 
 
 class Schedule(ABC):
@@ -47,7 +23,7 @@ class Schedule(ABC):
 
     @abstractmethod
     def mask_rate(self, t: Tensor) -> Tensor:
-        """1 - alpha(t): the probability that a token is masked at time t."""
+        """1 - alpha(t), computed directly so it stays accurate where alpha is close to 1."""
 
     @abstractmethod
     def dalpha(self, t: Tensor) -> Tensor:
@@ -55,7 +31,7 @@ class Schedule(ABC):
 
     @abstractmethod
     def inverse(self, alpha: Tensor) -> Tensor:
-        """The time t at which alpha(t) equals ``alpha``."""
+        """The t with alpha(t) = ``alpha`` (the first-hitting sampler draws unmasking times through it)."""
 
     def alpha(self, t: Tensor) -> Tensor:
         return 1.0 - self.mask_rate(t)
@@ -74,15 +50,11 @@ class Schedule(ABC):
         return float(self.alpha(torch.ones((), dtype=torch.float64)))
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({args})"
+        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in init_args(self).items())})"
 
 
 class LogLinear(Schedule):
-    """MDLM's schedule: alpha(t) = 1 - (1 - eps) t, i.e. sigma(t) = -log(1 - (1 - eps) t).
-
-    The weight is exactly 1/t. With eps > 0, alpha(1) = eps.
-    """
+    """MDLM's schedule: alpha(t) = 1 - (1 - eps) t, i.e. sigma(t) = -log(1 - (1 - eps) t); the weight is 1/t."""
 
     name = "loglinear"
 
@@ -111,9 +83,6 @@ class Linear(LogLinear):
 
     def __init__(self):
         super().__init__(eps=0.0)
-
-    def __repr__(self) -> str:
-        return "Linear()"
 
 
 class Cosine(Schedule):
@@ -158,45 +127,36 @@ class Polynomial(Schedule):
 
 
 class Geometric(Schedule):
-    """alpha(t) = exp(-sigma(t)) with a geometric sigma (SEDD/MD4), shifted so that alpha(0) = 1:
-
-    sigma(t) = sigma_min^(1-t) sigma_max^t - sigma_min, so alpha(1) = exp(-(sigma_max - sigma_min)).
-    """
+    """alpha(t) = exp(-sigma(t)) with SEDD/MD4's geometric sigma shifted so that alpha(0) = 1:
+    sigma(t) = sigma_min^(1-t) sigma_max^t - sigma_min, so alpha(1) = exp(-(sigma_max - sigma_min))."""
 
     name = "geometric"
 
     def __init__(self, sigma_min: float = 1e-4, sigma_max: float = 20.0):
         if not 0.0 < sigma_min < sigma_max:
             raise UserError(f"geometric schedule: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-        self.sigma_min = float(sigma_min)
-        self.sigma_max = float(sigma_max)
-
-    def _log_ratio(self) -> float:
-        return math.log(self.sigma_max / self.sigma_min)
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self._log_ratio = math.log(self.sigma_max / self.sigma_min)
 
     def sigma(self, t: Tensor) -> Tensor:
-        return self.sigma_min * torch.expm1(t * self._log_ratio())
+        return self.sigma_min * torch.expm1(t * self._log_ratio)
 
     def mask_rate(self, t: Tensor) -> Tensor:
         return -torch.expm1(-self.sigma(t))
 
     def dalpha(self, t: Tensor) -> Tensor:
         sigma = self.sigma(t)
-        dsigma = (sigma + self.sigma_min) * self._log_ratio()
-        return -torch.exp(-sigma) * dsigma
+        return -torch.exp(-sigma) * ((sigma + self.sigma_min) * self._log_ratio)
 
     def inverse(self, alpha: Tensor) -> Tensor:
-        sigma = -torch.log(alpha)
-        return torch.log1p(sigma / self.sigma_min) / self._log_ratio()
+        return torch.log1p(-torch.log(alpha) / self.sigma_min) / self._log_ratio
 
     def weight(self, t: Tensor) -> Tensor:
         sigma = self.sigma(t)
-        return (sigma + self.sigma_min) * self._log_ratio() / torch.expm1(sigma)
+        return (sigma + self.sigma_min) * self._log_ratio / torch.expm1(sigma)
 
 
-SCHEDULES: dict[str, type[Schedule]] = {
-    cls.name: cls for cls in (LogLinear, Linear, Cosine, Polynomial, Geometric)
-}
+SCHEDULES: dict[str, type[Schedule]] = {cls.name: cls for cls in (LogLinear, Linear, Cosine, Polynomial, Geometric)}
 
 
 def make_schedule(spec: Schedule | str | dict | None = None, **kwargs) -> Schedule:

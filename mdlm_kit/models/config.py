@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 # Named sizes. `small` and `medium` are MDLM's (Sahoo et al. 2024, table 9).
@@ -26,14 +26,8 @@ class DiTConfig:
     dropout: float = 0.0
     time_conditioning: bool = False
     rope_base: float = 10000.0
-    # width of a depthwise convolution over positions in every block (0: none), a residual branch before attention:
-    # each position sees its neighbours' features from the first step (kit layout only; causal models look back
-    # only). Why: the unigram plateau of masked diffusion, BENCHMARKS.md
-    conv_kernel: int = 0
-    # "kit": this toolkit's blocks (plain pre-norm when time-agnostic); "mdlm": the MDLM reference DiT's
-    # exact layout (adaLN in every block even when time-agnostic, weight-only norms, sigma input), for
-    # imported MDLM checkpoints
-    layout: str = "kit"
+    conv_kernel: int = 0  # width of the depthwise convolution over positions in every block (dit.LocalConv)
+    layout: str = "kit"  # "kit" or "mdlm" (the MDLM reference DiT, for its checkpoints): see dit.py
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "cond_dim", "mlp_ratio", "max_seq_len"):
@@ -42,9 +36,8 @@ class DiTConfig:
         if self.vocab_size < 2:
             raise ValueError(f"model: vocab_size must be >= 2 (tokens plus the mask), got {self.vocab_size}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise ValueError(
-                f"model: d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads of even size"
-            )
+            raise ValueError(f"model: d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads of "
+                             "even size")
         if self.layout not in ("kit", "mdlm"):
             raise ValueError(f"model: layout must be kit or mdlm, got {self.layout!r}")
         if self.conv_kernel < 0:
@@ -60,8 +53,7 @@ class DiTConfig:
 
     @property
     def adaptive(self) -> bool:
-        """Whether the blocks carry adaLN modulation and a time embedding: time-conditioned models, and every
-        MDLM-layout model (MDLM feeds a time-agnostic model sigma = 0, a constant conditioning vector)."""
+        """Whether the blocks carry adaLN and a time embedding (every MDLM-layout model: MDLM feeds sigma = 0)."""
         return self.time_conditioning or self.layout == "mdlm"
 
     @classmethod
@@ -83,9 +75,8 @@ class Backbone:
         size: ``debug``, ``tiny``, ``small`` (MDLM's 12 x 768) or ``medium``.
         n_layers, d_model, n_heads, cond_dim, max_seq_len: override the named size (None: the size's).
         dropout: dropout in the blocks.
-        conv_kernel: width of the depthwise convolution over positions in every block (0: none; kit layout;
-            causal models look back only). Lets a masked position see its neighbours from the first step, which
-            takes the model off the unigram plateau early (BENCHMARKS.md); the quickstart's recipe uses 3.
+        conv_kernel: width of a depthwise convolution over positions in every block (0: none; kit layout): a
+            masked position sees its neighbours from the first step (BENCHMARKS.md); the quickstart uses 3.
         layout: ``kit`` (this toolkit's blocks) or ``mdlm`` (the MDLM reference DiT's layout, for its checkpoints).
     """
 
@@ -100,14 +91,11 @@ class Backbone:
     layout: Literal["kit", "mdlm"] = "kit"
 
     def config(self, vocab_size: int, time_conditioning: bool = False) -> DiTConfig:
-        fields = {k: v for k, v in asdict(self).items() if k != "size"}
-        return DiTConfig.from_name(self.size, vocab_size, time_conditioning=time_conditioning, **fields)
+        shape = {k: v for k, v in asdict(self).items() if k != "size"}
+        return DiTConfig.from_name(self.size, vocab_size, time_conditioning=time_conditioning, **shape)
 
     @classmethod
     def of(cls, config: DiTConfig) -> Backbone:
         """The shape of ``config`` (every size field explicit)."""
-        size = next((name for name, s in SIZES.items() if all(getattr(config, k) == v for k, v in s.items())),
-                    "tiny")
-        return cls(size=size, n_layers=config.n_layers, d_model=config.d_model, n_heads=config.n_heads,
-                   cond_dim=config.cond_dim, max_seq_len=config.max_seq_len, dropout=config.dropout,
-                   conv_kernel=config.conv_kernel, layout=config.layout)
+        size = next((n for n, s in SIZES.items() if all(getattr(config, k) == v for k, v in s.items())), "tiny")
+        return cls(size=size, **{f.name: getattr(config, f.name) for f in fields(cls) if f.name != "size"})

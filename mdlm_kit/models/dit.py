@@ -1,23 +1,11 @@
-"""A bidirectional diffusion transformer in the style of MDLM's DiT, in build order.
+"""A bidirectional diffusion transformer after MDLM's DiT, in build order: norm -> rotary -> time embedding ->
+local convolution -> attention -> MLP -> block -> final layer -> model.
 
-norm -> rotary -> time embedding -> local convolution -> attention -> MLP -> block -> final layer -> model.
-
-Layout follows MDLM's DiT (fused qkv without bias, GPT-NeoX rotary over the full
-head dimension, pre-norm blocks, GELU-tanh MLP with biases, adaLN
-shift/scale/gate modulation from the time embedding). Two layouts
-(``DiTConfig.layout``):
-
-- ``kit`` (this toolkit's own): with ``time_conditioning=False`` (the default; the
-  optimal denoiser of masked diffusion does not need t) the blocks are plain
-  pre-norm blocks with affine LayerNorms and no time embedding; time-conditioned
-  models get adaLN, non-affine norms and a time embedding of the mask rate x 1000.
-  ``conv_kernel > 0`` adds a depthwise convolution over positions to every block
-  (``LocalConv``; the quickstart's recipes use width 3).
-- ``mdlm``: exactly the MDLM reference DiT (kuleshov-group/mdlm ``models/dit.py``),
-  for its checkpoints (``mdlm_kit.io.mdlm``): weight-only LayerNorms,
-  adaLN in every block and in the final layer, conditioned on MDLM's total noise
-  sigma = -log(alpha_t) = -log(1 - mask rate). A time-agnostic MDLM model is called
-  with sigma = 0, so its conditioning vector is the constant silu(embed(0)), not zero.
+Two layouts (``DiTConfig.layout``): ``kit``, this toolkit's, where a time-agnostic model (the default: the optimal
+denoiser of masked diffusion does not need t) has plain pre-norm blocks and a time-conditioned one adaLN with the
+mask rate x 1000 as input; ``mdlm``, exactly the MDLM reference DiT (kuleshov-group/mdlm ``models/dit.py``) for its
+checkpoints, with adaLN in every block conditioned on sigma = -log(1 - mask rate), which is 0 for a time-agnostic
+model (its conditioning vector is then the constant silu(embed(0)), not zero).
 """
 
 from __future__ import annotations
@@ -47,8 +35,7 @@ class Rotary(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        # x: (B, H, S, hd)
-        seq_len = x.shape[-2]
+        seq_len = x.shape[-2]  # x: (B, H, S, hd)
         cos, sin = self.cos[:seq_len].to(x.dtype), self.sin[:seq_len].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
@@ -66,8 +53,7 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, cond_dim: int, freq_dim: int = 256, scale: float = 1000.0):
         super().__init__()
-        self.freq_dim = freq_dim
-        self.scale = scale
+        self.freq_dim, self.scale = freq_dim, scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
 
     def forward(self, level: Tensor) -> Tensor:
@@ -80,14 +66,9 @@ class TimestepEmbedder(nn.Module):
 
 
 class LocalConv(nn.Module):
-    """A residual branch that mixes each channel over the ``conv_kernel`` nearest positions (depthwise Conv1d).
-
-    A masked position's input is the mask embedding: without this branch the model learns what its neighbours
-    hold only through attention, which must first learn where to look, from a gradient spread over the whole
-    sequence; until it has, the model predicts token frequencies (the unigram plateau: measured on the quickstart,
-    BENCHMARKS.md). With it every position sees its neighbours' features from the first step. Bidirectional models
-    look both ways (centred window); causal models look back only, so the autoregressive factorization stays exact.
-    """
+    """A residual branch mixing each channel over the ``conv_kernel`` nearest positions (depthwise Conv1d): a masked
+    position sees its neighbours from the first step instead of waiting for attention to learn where to look, which
+    takes the model off the unigram plateau early (BENCHMARKS.md). Causal models look back only."""
 
     def __init__(self, cfg: DiTConfig, causal: bool):
         super().__init__()
@@ -104,8 +85,7 @@ class LocalConv(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: DiTConfig, causal: bool):
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.causal = causal
+        self.n_heads, self.causal = cfg.n_heads, causal
         # MDLM's DiT drops out only after the attention and MLP outputs (flash attention is called with p=0)
         self.dropout = 0.0 if cfg.layout == "mdlm" else cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
@@ -116,9 +96,8 @@ class Attention(nn.Module):
         # MDLM's packing: 'b s (three h d) -> three b h s d'
         q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x (B,H,S,hd)
         q, k = rotary(q), rotary(k)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, S, hd)
         return self.out(y.transpose(1, 2).reshape(B, S, D))  # (B, S, D)
 
 
@@ -165,29 +144,21 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(cfg.d_model, cfg.vocab_size)
         self.adaLN = nn.Linear(cfg.cond_dim, 2 * cfg.d_model) if cfg.adaptive else None
 
-    def features(self, x: Tensor, c: Tensor | None) -> Tensor:
-        """What the output projection sees: (B, S, D)."""
-        x = self.norm(x)
-        if self.adaLN is not None:
-            shift, scale = self.adaLN(c)[:, None].chunk(2, dim=-1)
-            x = modulate(x, shift, scale)
-        return x
-
     def forward(self, x: Tensor, c: Tensor | None) -> Tensor:
-        return self.linear(self.features(x, c))
+        """What the output projection ``linear`` sees: (B, S, D)."""
+        if self.adaLN is None:
+            return self.norm(x)
+        shift, scale = self.adaLN(c)[:, None].chunk(2, dim=-1)
+        return modulate(self.norm(x), shift, scale)
 
 
 class DiT(nn.Module):
-    """Bidirectional (or, with ``causal=True``, autoregressive) transformer over token ids.
-
-    ``forward(input_ids (B, S), cond (B,) | None) -> logits (B, S, vocab_size)``.
-    The logits include the mask token's column; the objective applies SUBS.
-    """
+    """Bidirectional (or, with ``causal=True``, autoregressive) transformer: ``forward(input_ids (B, S), cond (B,) |
+    None) -> logits (B, S, vocab_size)``, the mask token's column included (the objective applies SUBS)."""
 
     def __init__(self, cfg: DiTConfig, causal: bool = False):
         super().__init__()
-        self.config = cfg
-        self.causal = causal
+        self.config, self.causal = cfg, causal
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.time_embed = None
         if cfg.adaptive:
@@ -198,25 +169,18 @@ class DiT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """PyTorch's default initialization (as MDLM), with the output layer and adaLN at zero.
-
-        The defaults (unit-variance embeddings, fan-in-scaled linears) train markedly faster here
-        than GPT-2's std-0.02 scheme: measured on the quickstart, val NELBO 5.61 vs 5.93 nats/token
-        after 200 steps.
-        """
+        """PyTorch's default initialization (as MDLM; faster here than GPT-2's std 0.02: on the quickstart, val NELBO
+        5.61 vs 5.93 nats/token after 200 steps), with the output layer (uniform predictions) and adaLN at zero."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding, nn.LayerNorm, nn.Conv1d)):
                 m.reset_parameters()
-        # a zero output layer starts every prediction at the uniform distribution
-        nn.init.zeros_(self.final.linear.weight)
-        nn.init.zeros_(self.final.linear.bias)
-        for ada in [b.adaLN for b in self.blocks] + [self.final.adaLN]:
-            if ada is not None:  # DiT: modulation starts at zero, gates closed
-                nn.init.zeros_(ada.weight)
-                nn.init.zeros_(ada.bias)
+        for m in [self.final.linear, self.final.adaLN] + [b.adaLN for b in self.blocks]:
+            if m is not None:  # adaLN as in DiT: modulation starts at zero, gates closed
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def forward(self, input_ids: Tensor, cond: Tensor | None = None) -> Tensor:
-        return self.final.linear(self.features(input_ids, cond))  # (B, S, V)
+        return self.head(self.features(input_ids, cond))  # (B, S, V)
 
     @property
     def head(self) -> nn.Linear:
@@ -224,11 +188,8 @@ class DiT(nn.Module):
         return self.final.linear
 
     def features(self, input_ids: Tensor, cond: Tensor | None = None) -> Tensor:
-        """Hidden states right before the output projection ``final.linear``: (B, S, D).
-
-        The loss needs logits only where tokens are masked; the objective gathers those rows from
-        here and projects them itself (``mdlm_kit.kernels.weighted_ce``).
-        """
+        """Hidden states before the output projection: (B, S, D). The loss projects only the masked rows itself
+        (``mdlm_kit.kernels.weighted_ce``)."""
         B, S = input_ids.shape
         if S > self.config.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds the model's max_seq_len {self.config.max_seq_len}")
@@ -236,13 +197,11 @@ class DiT(nn.Module):
         x = self.embed(input_ids)  # (B, S, D)
         for block in self.blocks:
             x = block(x, self.rotary, c)
-        return self.final.features(x, c)  # (B, S, D)
+        return self.final(x, c)  # (B, S, D)
 
     def conditioning(self, cond: Tensor | None, batch: int) -> Tensor | None:
-        """The adaLN conditioning vector c: (batch, cond_dim), or None for the kit's time-agnostic blocks.
-
-        ``cond`` is the mask rate 1 - alpha_t per sequence (batch,), or None for time-agnostic models.
-        """
+        """The adaLN conditioning vector c (batch, cond_dim) from the mask rate ``cond`` (batch,); None for the kit's
+        time-agnostic blocks."""
         if self.time_embed is None:
             return None
         cfg = self.config

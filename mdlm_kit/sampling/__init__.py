@@ -1,11 +1,8 @@
-"""Samplers: one module per sampler, one registry, resolved once by name; ``samplers`` holds them as typed
-objects with their own options (what ``generate --sampler`` takes).
+"""Samplers: one module per sampler, one registry (``base``), and typed objects for ``generate --sampler``.
 
-Every sampler has the signature ``sampler(ctx, template, sample_keys, opts, progress=None) -> tokens``:
-``template`` (B, L) holds given tokens and the mask id where tokens are to be generated (a
-prompt is a template whose first tokens are given; infilling is any other pattern); given
-tokens never change. ``sample_keys`` (B,) index each sequence's noise, so a sample is the same
-whatever batch it is generated in.
+``sampler(ctx, template, sample_keys, opts, progress=None) -> tokens``: ``template`` (B, L) holds given tokens (a
+prompt, any infilling pattern), which never change, and the mask id where tokens are to be generated;
+``sample_keys`` (B,) index each sequence's noise, so a sample does not depend on the batch it is generated in.
 """
 
 from __future__ import annotations

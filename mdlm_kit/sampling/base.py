@@ -48,18 +48,15 @@ class SamplerOptions:
     kernel: Kernel = "auto"  # the fused Triton categorical sampler: on CUDA (auto), always or never
 
     def __post_init__(self):
-        if self.steps is not None and self.steps < 1:
-            raise UserError(f"steps must be >= 1, got {self.steps}")
+        for name in ("steps", "tokens_per_step", "block_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.temperature > 0:
             raise UserError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.precision not in PRECISIONS:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.tokens_per_step < 1:
-            raise UserError(f"tokens_per_step must be >= 1, got {self.tokens_per_step}")
-        if self.block_length is not None and self.block_length < 1:
-            raise UserError(f"block_length must be >= 1, got {self.block_length}")
 
 
 @dataclass
@@ -79,15 +76,12 @@ class SamplingContext:
 
 
 def draw_tokens(ctx: SamplingContext, opts: SamplerOptions, logits: Tensor, rows: Tensor, cols: Tensor,
-                sample_keys: Tensor, step: int) -> Tensor:
-    """Sample the tokens at (rows, cols) from ``logits`` (B, L, V); noise keyed by (sample key, step, position)."""
+                sample_keys: Tensor, step: int) -> tuple[Tensor, Tensor]:
+    """Sample the tokens at (rows, cols) from ``logits`` (B, L, V), noise keyed by (sample key, step, position):
+    (tokens, their log-probabilities)."""
     keys = rng.combine(sample_keys[rows], step, 0, cols)  # 4 parts: never equal to a decision key (3 parts)
-    flat = logits.reshape(-1, logits.shape[-1])  # only the selected rows are read
-    tokens, _ = sample_categorical(
-        flat, keys, opts.seed, ctx.mask_id, opts.temperature, opts.top_p, opts.precision,
-        rows=rows * logits.shape[1] + cols, kernel=opts.kernel,
-    )
-    return tokens
+    return sample_categorical(logits.reshape(-1, logits.shape[-1]), keys, opts.seed, ctx.mask_id, opts.temperature,
+                              opts.top_p, opts.precision, rows=rows * logits.shape[1] + cols, kernel=opts.kernel)
 
 
 def step_uniforms(opts: SamplerOptions, sample_keys: Tensor, step: int, length: int, salt: int) -> Tensor:

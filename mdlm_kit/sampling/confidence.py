@@ -1,11 +1,8 @@
 """Confidence-based decoding (MaskGIT, LLaDA's low-confidence remasking): approximate.
 
-Per step, every masked position of the current block gets a candidate token drawn from
-p_theta(. | z); the k candidates with the highest log-probability are committed, with k
-chosen so the block is full after its share of the ``steps``. Blocks (``block_length``,
-default the whole sequence) are decoded left to right. Committing the most confident
-tokens first does not sample from the model's distribution: it trades diversity for
-quality and is not covered by the NELBO.
+Per step every masked position of the current block draws a candidate from p_theta(. | z) and the k most probable
+candidates are committed, k such that the block is full after its share of the ``steps``; blocks go left to right.
+This does not sample from the model's distribution: it trades diversity for quality.
 """
 
 from __future__ import annotations
@@ -15,9 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from mdlm_kit import rng
-from mdlm_kit.sampling.base import SamplerOptions, SamplingContext, check_template, register
-from mdlm_kit.sampling.categorical import sample_categorical
+from mdlm_kit.sampling.base import SamplerOptions, SamplingContext, check_template, draw_tokens, register
 
 
 @register("confidence")
@@ -37,22 +32,15 @@ def confidence(ctx: SamplingContext, template: Tensor, sample_keys: Tensor, opts
             in_block[:, b0:b1] = z[:, b0:b1] == ctx.mask_id
             if not in_block.any():
                 break
-            masked = z == ctx.mask_id
-            logits = ctx.logits(z, masked.double().mean(-1))
+            logits = ctx.logits(z, (z == ctx.mask_id).double().mean(-1))
             rows, cols = in_block.nonzero(as_tuple=True)
-            keys = rng.combine(sample_keys[rows], step, 0, cols)
-            tokens, logp = sample_categorical(
-                logits.reshape(-1, logits.shape[-1]), keys, opts.seed, ctx.mask_id, opts.temperature, opts.top_p,
-                opts.precision, rows=rows * length + cols, kernel=opts.kernel,
-            )
+            tokens, logp = draw_tokens(ctx, opts, logits, rows, cols, sample_keys, step)
             conf = torch.full((batch, length), float("-inf"), dtype=torch.float64, device=z.device)
             conf[rows, cols] = logp.double()
-            cand = z.clone()
-            cand[rows, cols] = tokens
             k = torch.ceil(in_block.sum(-1) / (per_block - j)).long()  # (B,)
             ranks = conf.argsort(-1, descending=True).argsort(-1)
-            commit = in_block & (ranks < k.unsqueeze(-1))
-            z[commit] = cand[commit]
+            commit = (in_block & (ranks < k.unsqueeze(-1)))[rows, cols]
+            z[rows[commit], cols[commit]] = tokens[commit]
             step += 1
             if progress is not None:
                 progress(step, per_block * n_blocks)

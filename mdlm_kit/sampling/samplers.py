@@ -1,9 +1,5 @@
-"""Samplers as typed objects with their own options: what ``mdlm-kit generate --sampler`` takes.
-
-``--sampler FirstHitting --sampler.tokens_per_step 2`` (or a config entry ``{class_path, init_args}``); a
-registered name (``--sampler fhs``) is the class with its defaults. An option the chosen sampler does not have
-is refused when the command line is read, naming it. Each object calls its registered sampler function.
-"""
+"""Samplers as typed objects with their own options, what ``mdlm-kit generate --sampler`` takes: ``--sampler
+FirstHitting --sampler.tokens_per_step 2``, or a registered name (``--sampler fhs``) for the class's defaults."""
 
 from __future__ import annotations
 
