@@ -47,7 +47,7 @@ class InitWeights(L.Callback):
         if differ:
             raise UserError(f"--checkpoint {self.path} holds another architecture: {', '.join(differ)}; set these "
                             "model options (model.size, n_layers, d_model, ..., layout) to match it")
-        if dm is not None and getattr(dm, "tokenizer", None) is not None:
+        if getattr(dm, "tokenizer", None) is not None:
             same = (source_dm.tokenizer.fingerprint() == dm.tokenizer.fingerprint() if source_dm.tokenizer is not None
                     else source_dm.hparams.tokenizer == dm.hparams.tokenizer)
             if not same:

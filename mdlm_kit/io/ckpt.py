@@ -57,17 +57,14 @@ def is_flat(hparams: dict) -> bool:
 
 
 def model_hparams(hparams: dict, kind: str | None = None) -> dict:
-    """``LanguageModel``'s arguments from a checkpoint's ``hyper_parameters``, settings it does not know dropped:
-    this version's, or the flat settings of the classes before it (``MaskedDiffusionLM``, ``AutoregressiveLM``:
-    ``kind`` or their class path says which) as typed parts."""
+    """``LanguageModel``'s known arguments from a checkpoint's ``hyper_parameters``: this version's, or the flat
+    settings of ``MaskedDiffusionLM``/``AutoregressiveLM`` before it (``kind`` or the class path says which)."""
     from mdlm_kit.lightning import LanguageModel
 
     h = {k: v for k, v in hparams.items() if not k.startswith("_")}
     if not is_flat(h):
         return known_kwargs(LanguageModel, h)
-    if kind is None:
-        kind = "autoregressive" if str(hparams.get("_class_path", "")).endswith("AutoregressiveLM") else "diffusion"
-    if kind == "autoregressive":
+    if kind == "autoregressive" or (kind is None and str(hparams.get("_class_path", "")).endswith("AutoregressiveLM")):
         family = {"class_path": "mdlm_kit.families.Autoregressive"}
     else:
         args = {k: h[k] for k in DIFFUSION_KEYS if k in h}
@@ -120,6 +117,13 @@ def check_kind(path, found: str, wanted: str | None) -> None:
         raise UserError(f"{path} holds a {found} model; this command needs {need}")
 
 
+def load_weights(path, module, state: dict) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit the model described in it ({str(e).splitlines()[0]})") from None
+
+
 def resolve_last(dirpaths: list[str]) -> Path | None:
     """The checkpoint ``--ckpt_path last`` resumes: the newest ``last*.ckpt`` in the checkpoint folders, as
     Lightning picks it (None if there is none; Lightning then starts afresh)."""
@@ -140,9 +144,8 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def check_resume(path: str | Path, model, training: bool = True) -> None:
-    """Fail with one line, before anything is written, if a run cannot start from ``path``: a missing, broken or
-    other model's checkpoint, or for training one with weights only. A sharded one (FSDP2's folder) is Lightning's.
-    """
+    """One line, before anything is written, if a run cannot start from ``path`` (missing, broken, another model's,
+    or for training weights only). A sharded one (FSDP2's folder) is Lightning's to check."""
     path = Path(path).expanduser()
     if path.is_dir() and ((path / ".metadata").is_file() or (path / "meta.pt").is_file()):
         return
@@ -159,7 +162,7 @@ def check_resume(path: str | Path, model, training: bool = True) -> None:
         raise UserError(f"--ckpt_path {path} holds weights only (no optimizer or loop state) and cannot resume "
                         "training; use it with generate or ppl")
     kind = ckpt.get("mdlm_kit_model")
-    if kind is not None and kind != getattr(model, "kind", kind):
+    if kind not in (None, model.kind):
         raise UserError(f"--ckpt_path {path} holds a {kind} model; this run trains a {model.kind} model "
                         "(set model.family as in the run that wrote it)")
     ours, theirs = model.state_dict(), ckpt["state_dict"]
@@ -191,10 +194,7 @@ def load_ckpt(path: Path, map_location: str = "cpu", kind: str | None = None):
 
     model = build_model(ckpt)
     check_kind(path, model.kind, kind)
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit the model described in it ({str(e).splitlines()[0]})") from None
+    load_weights(path, model, ckpt["state_dict"])
     model.eval()
     model.run_info = run_info(ckpt)
     dm_hparams = dict(ckpt.get("datamodule_hyper_parameters", {}))

@@ -9,10 +9,9 @@ from ..models.config import DiTConfig
 
 
 class MdlmKitConfig(PreTrainedConfig):
-    """An mdlm-kit model: ``kind`` (``diffusion`` or ``autoregressive``), ``dit_config`` (``DiTConfig``'s fields),
-    the ``schedule`` (a ``class_path`` entry) and ``num_steps`` (null: continuous time) of a diffusion, the
-    ``tokenizer_spec`` and the ``data`` settings that rebuild the validation split; ``vocab_size`` ...
-    ``mask_token_id`` are ``dit_config``'s values under Hugging Face's names."""
+    """An mdlm-kit model: ``kind``, ``dit_config`` (``DiTConfig``'s fields), a diffusion's ``schedule`` (``class_path``)
+    and ``num_steps`` (null: continuous time), ``tokenizer_spec`` and the ``data`` settings that rebuild the validation
+    split; ``vocab_size`` ... ``mask_token_id`` repeat ``dit_config`` under Hugging Face's names."""
 
     model_type = "mdlm_kit"
 

@@ -16,7 +16,7 @@ from transformers.utils import logging as hf_logging
 from mdlm_kit.errors import UserError
 from mdlm_kit.io import configuration_mdlm_kit, load_checkpoint, modeling_mdlm_kit
 from mdlm_kit.io.ckpt import is_export
-from mdlm_kit.io.hf import AUTO_CLASSES, WEIGHTS, WEIGHTS_INDEX, MdlmKitConfig
+from mdlm_kit.io.hf import AUTO_CLASSES, MdlmKitConfig
 from mdlm_kit.io.mdlm import is_mdlm_checkpoint, load_mdlm_checkpoint
 from mdlm_kit.models import config as dit_config
 from mdlm_kit.models import dit
@@ -30,10 +30,8 @@ REMOTE_CODE = (configuration_mdlm_kit, modeling_mdlm_kit, dit_config, dit)  # co
 
 
 def hf_tokenizer(tok, mask_id: int, max_len: int | None = None) -> PreTrainedTokenizerFast:
-    """``tok`` (the toolkit's ``Tokenizer``) as a ``PreTrainedTokenizerFast`` with the same ids and the mask token
-    added as ``mask_id``; a ValueError where the vocabulary does not end right before it. Unlike the toolkit's char
-    tokenizer, it encodes the special tokens' text typed in the input to their ids, as Hugging Face tokenizers do.
-    """
+    """``tok`` with the same ids and the mask token added as ``mask_id`` (a ValueError where the vocabulary does not
+    end right before it). Unlike the toolkit's char tokenizer, it encodes special tokens' text typed in the input."""
     from tokenizers import Tokenizer
 
     from mdlm_kit.data.tokenizers import UNK
@@ -54,9 +52,8 @@ def hf_tokenizer(tok, mask_id: int, max_len: int | None = None) -> PreTrainedTok
 
 
 def _checkpoint_weights(path: Path, model, ema: bool) -> str:
-    """Load the weights to export into ``model``; return which they are (``ema`` or ``raw``). Lightning's
-    ``EMAWeightAveraging`` saves the averaged weights as ``state_dict`` and the trained ones as ``current_model_state``.
-    """
+    """Load the weights to export into ``model``: ``ema`` or ``raw``. Lightning's ``EMAWeightAveraging`` saves the
+    averaged weights as ``state_dict`` and the trained ones as ``current_model_state``."""
     try:  # memory-mapped: the second read of a large checkpoint costs little
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception:
@@ -90,8 +87,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``out``; an existing ``out`` is renamed away first, restored if
-    the second rename fails, and deleted last, so ``out`` is always either the old folder or the new one."""
+    """Rename ``tmp`` to ``out``, so that ``out`` is always either the old folder or the new one."""
     if not out.exists():
         os.rename(tmp, out)
         return
@@ -125,22 +121,15 @@ def build_hf_model(model, dm):
         auto_map={"AutoConfig": f"configuration_mdlm_kit.{MdlmKitConfig.__name__}",
                   auto.__name__: f"modeling_mdlm_kit.{cls.__name__}"},
         eos_token_id=dm.tokenizer.eos_id, pad_token_id=dm.tokenizer.pad_id,
-        bos_token_id=model.mask_id if model.kind == "autoregressive" else dm.tokenizer.bos_id,
+        bos_token_id=dm.tokenizer.bos_id if diffusion else model.mask_id,
     )
     hf = cls(config)
     hf.backbone.load_state_dict(model.backbone.state_dict())
-    if model.kind == "autoregressive":
+    if not diffusion:
         g = hf.generation_config
         g.bos_token_id, g.eos_token_id, g.pad_token_id = model.mask_id, dm.tokenizer.eos_id, dm.tokenizer.pad_id
         g.suppress_tokens, g.use_cache = [model.mask_id], False
     return hf.eval()
-
-
-def write_remote_code(folder: Path) -> None:
-    """The modeling code, as the toolkit runs it, with its imports of ``mdlm_kit.models`` made folder-relative."""
-    for module in REMOTE_CODE:
-        source = Path(module.__file__)
-        (folder / source.name).write_text(source.read_text().replace("from ..models.", "from ."))
 
 
 def export(checkpoint: str, out: str, ema: bool = True, overwrite: bool = False) -> dict:
@@ -153,15 +142,13 @@ def export(checkpoint: str, out: str, ema: bool = True, overwrite: bool = False)
         checkpoint: a ``.ckpt`` written by ``mdlm-kit fit``, a folder written by ``mdlm-kit export``, or a
             checkpoint of the MDLM reference code.
         out: the folder to write (its parent must exist).
-        ema: the EMA weights of a run trained with ``EMAWeightAveraging`` (the checkpoint's ``state_dict``,
-            the weights every mdlm-kit command uses); ``false``: the trained weights Lightning saved beside
-            them (``current_model_state``). Without EMA, both are the trained weights.
+        ema: the EMA weights of a run trained with ``EMAWeightAveraging`` (what every command uses); ``false``: the
+            trained weights Lightning saved beside them. Without EMA, both are the trained weights.
         overwrite: replace an existing non-empty ``out``.
 
     Returns:
-        ``out``, the ``files`` written, ``num_parameters``, ``vocab_size`` (with the mask), ``kind``,
-        ``weights`` (``ema``, ``raw``, or ``export`` for an export folder) and ``auto_tokenizer`` (whether the
-        tokenizer files were written).
+        ``out``, the ``files`` written, ``num_parameters``, ``vocab_size`` (with the mask), ``kind``, ``weights``
+        (``ema``, ``raw``, or ``export`` for an export folder) and ``auto_tokenizer`` (tokenizer files written).
     """
     out_path = Path(out).expanduser().absolute()
     _check_out(out_path, overwrite)
@@ -171,14 +158,11 @@ def export(checkpoint: str, out: str, ema: bool = True, overwrite: bool = False)
     if is_mdlm_checkpoint(ckpt_path):  # the MDLM reference code's: its EMA weights unless ema is false
         model, dm = load_mdlm_checkpoint(ckpt_path, use_ema=ema)
         weights = model.imported_weights
-    elif ckpt_path.is_dir():  # an earlier export: written again (a newer layout, another place)
-        if not ema:
-            raise UserError(f"{ckpt_path} is an export and holds one set of weights; --ema false needs the .ckpt")
-        model, dm = load_checkpoint(ckpt_path)
-        weights = "export"
+    elif ckpt_path.is_dir() and not ema:  # an earlier export (written again: a newer layout, another place)
+        raise UserError(f"{ckpt_path} is an export and holds one set of weights; --ema false needs the .ckpt")
     else:
         model, dm = load_checkpoint(ckpt_path)
-        weights = _checkpoint_weights(ckpt_path, model, ema)
+        weights = "export" if ckpt_path.is_dir() else _checkpoint_weights(ckpt_path, model, ema)
     hf = build_hf_model(model, dm)
     try:
         tokenizer, note = hf_tokenizer(dm.tokenizer, model.mask_id, model.config.max_seq_len), {}
@@ -192,12 +176,12 @@ def export(checkpoint: str, out: str, ema: bool = True, overwrite: bool = False)
     hf_logging.disable_progress_bar()  # the command prints one JSON object; a one-shard progress bar is noise
     try:
         hf.save_pretrained(tmp)
-        write_remote_code(tmp)
+        for module in REMOTE_CODE:  # as the toolkit runs it, the imports of mdlm_kit.models made folder-relative
+            source = Path(module.__file__)
+            (tmp / source.name).write_text(source.read_text().replace("from ..models.", "from ."))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         files = sorted(p.name for p in tmp.iterdir())
-        if WEIGHTS not in files and WEIGHTS_INDEX not in files:
-            raise RuntimeError(f"save_pretrained wrote no safetensors weights (files: {files})")
         # mkdtemp's folder and the weights written through a temporary file are private (0700/0600): make the
         # export an ordinary folder, readable as the user's umask says
         umask = current_umask()

@@ -10,7 +10,7 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from mdlm_kit.errors import UserError
-from mdlm_kit.io.ckpt import check_kind, known_kwargs
+from mdlm_kit.io.ckpt import check_kind, known_kwargs, load_weights
 from mdlm_kit.io.configuration_mdlm_kit import MdlmKitConfig
 from mdlm_kit.io.modeling_mdlm_kit import MdlmKitForCausalLM, MdlmKitForMaskedLM
 
@@ -75,10 +75,7 @@ def load_export(path: str | Path, map_location: str = "cpu", kind: str | None = 
     state = _read_weights(path, map_location)
     if outside := [k for k in state if not k.startswith("backbone.")]:
         raise UserError(f"{path}: weights outside the backbone ({outside[0]})")
-    try:
-        model.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()})
-    except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit the model described in it ({str(e).splitlines()[0]})") from None
+    load_weights(path, model.backbone, {k.removeprefix("backbone."): v for k, v in state.items()})
     model.eval()
     dm = TextDataModule(**known_kwargs(TextDataModule, cfg["data"]))
     if cfg.get("tokenizer_spec") is not None:

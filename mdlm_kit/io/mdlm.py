@@ -1,8 +1,6 @@
-"""Importing checkpoints of the MDLM reference implementation (kuleshov-group/mdlm): its Lightning ``.ckpt``
-(EMA weights under ``ema.shadow_params``, an omegaconf config read without omegaconf), a plain state dict, or
-its Hugging Face folder (``model.safetensors`` and ``config.json``). The reference DiT is ``DiT`` with
-``layout="mdlm"``; only the parameter names differ. Only load checkpoints you trust: ``.ckpt`` files are pickles.
-"""
+"""Checkpoints of the MDLM reference code (kuleshov-group/mdlm): its Lightning ``.ckpt`` (EMA weights, an omegaconf
+config read without omegaconf), a plain state dict, or its Hugging Face folder. Its DiT is ``DiT`` with
+``layout="mdlm"`` under other parameter names. ``.ckpt`` files are pickles: load only those you trust."""
 
 from __future__ import annotations
 
@@ -69,9 +67,8 @@ def mdlm_parameter_names(n_layers: int) -> list[str]:
 
 
 def _reference_keys(sd: Mapping) -> dict[str, Tensor]:
-    """The backbone's entries under the reference's own names: ``backbone.`` / ``_orig_mod.`` prefixes
-    dropped, ``noise.*`` (MDLM's noise schedule, no backbone weights) left out, and the
-    ``adaLN_modulation.1`` spelling (DiT's Sequential(SiLU, Linear)) read as ``adaLN_modulation``."""
+    """The backbone's entries under the reference's names: no ``backbone.``/``_orig_mod.`` prefix, no ``noise.*``
+    (MDLM's schedule), ``adaLN_modulation.1`` (DiT's Sequential(SiLU, Linear)) read as ``adaLN_modulation``."""
     out = {}
     for key, value in sd.items():
         key = str(key)
@@ -90,13 +87,9 @@ def _few(names: list[str]) -> str:
 
 
 def convert_mdlm_state_dict(sd: Mapping, n_heads: int | None = None) -> tuple[dict[str, Tensor], dict]:
-    """(state dict for ``DiT`` with ``layout="mdlm"``, ``DiTConfig`` keyword arguments) from a reference state dict.
-
-    Keys may carry the ``backbone.`` prefix of MDLM's Lightning checkpoints and Hugging Face files. The sizes
-    come from the shapes, except the number of heads, which changes no shape: ``n_heads``, else
-    ``rotary_emb.inv_freq`` (head_dim / 2 frequencies; contradicting ``n_heads`` is an error), else
-    ``d_model // 64`` (MDLM's small and medium). ``max_seq_len`` is not in the weights; the caller sets it.
-    """
+    """(state dict for ``DiT`` with ``layout="mdlm"``, ``DiTConfig`` arguments but ``max_seq_len``) from a reference
+    state dict. The sizes come from the shapes, but the number of heads changes none: ``n_heads``, else
+    ``rotary_emb.inv_freq`` (head_dim / 2 frequencies; must agree with ``n_heads``), else ``d_model // 64``."""
     ref = _reference_keys(sd)
     n_layers = _n_layers(ref)
     expected = mdlm_parameter_names(n_layers)
@@ -149,9 +142,6 @@ def _heads(inv_freq: Tensor | None, d_model: int, n_heads: int | None) -> int:
     return n_heads
 
 
-# ---- reading MDLM's pickles without omegaconf, lightning or transformers ----
-
-
 class _StandIn(dict):
     """What an object of a class outside ``_REAL_MODULES`` unpickles to: a dict of its items (Lightning's
     ``AttributeDict``) and attributes, or its list items."""
@@ -167,16 +157,12 @@ class _StandIn(dict):
         if isinstance(state, dict):
             self.update(state)
 
-    def append(self, item) -> None:
-        self.extend([item])
-
-    def extend(self, items) -> None:
-        self.list_items = [*self.list_items, *items]
+    def append(self, item) -> None:  # pickle's APPENDS falls back to append where there is no extend
+        self.list_items = [*self.list_items, item]
 
 
-# Modules whose classes are really imported: tensors, containers, numpy scalars. Everything else (omegaconf's
-# DictConfig, Lightning and transformers objects in hyper_parameters, ...) becomes a stand-in, so a checkpoint
-# loads whatever is installed, and loading it constructs nothing beyond tensors and containers.
+# Only tensors, containers and numpy scalars are really imported; everything else (omegaconf, Lightning objects, ...)
+# becomes a stand-in: a checkpoint loads whatever is installed and constructs nothing else.
 _REAL_MODULES = ("torch", "collections", "numpy", "_codecs")
 _REAL_BUILTINS = {"set", "frozenset", "slice", "range", "complex", "bytearray", "bytes", "str", "int", "float",
                   "bool", "list", "dict", "tuple", "object"}
@@ -340,16 +326,10 @@ def _data_module(vocab_size: int, tokenizer, settings: dict, seq_len: int):
 
 def load_mdlm_checkpoint(path: str | Path, tokenizer=None, n_heads: int | None = None, use_ema: bool = True,
                          map_location: str = "cpu"):
-    """(``LanguageModel`` in eval mode, ``TextDataModule``) from an MDLM checkpoint.
-
-    Args:
-        path: an MDLM Lightning ``.ckpt``, a state dict file (or a dict with ``state_dict``), a ``.safetensors``
-            file, or a Hugging Face folder with ``model.safetensors`` and optionally ``config.json``.
-        tokenizer: ``gpt2`` (the default for GPT-2's 50,258 ids with the mask), a Hugging Face tokenizer name or
-            folder, or a ``Tokenizer``; its vocabulary plus the mask must equal the model's.
-        n_heads: number of attention heads (default: the checkpoint's config, else ``convert_mdlm_state_dict``'s).
-        use_ema: use the EMA weights of a Lightning checkpoint when it has them (MDLM evaluates with them).
-    """
+    """(``LanguageModel`` in eval mode, ``TextDataModule``) from an MDLM Lightning ``.ckpt``, a state dict file, a
+    ``.safetensors`` file, or a folder with ``model.safetensors`` (and optionally ``config.json``). ``tokenizer``:
+    ``gpt2`` (the default for GPT-2's 50,258 ids with the mask), a Hugging Face name or folder, or a ``Tokenizer``;
+    ``n_heads``: default the config's, else ``convert_mdlm_state_dict``'s; ``use_ema``: as MDLM evaluates."""
     from mdlm_kit.families import MaskedDiffusion
     from mdlm_kit.lightning import LanguageModel
     from mdlm_kit.models import Backbone
@@ -395,11 +375,8 @@ def _looks_like_mdlm(keys) -> bool:
 
 
 def is_mdlm_checkpoint(obj_or_path) -> bool:
-    """Whether ``obj_or_path`` (a loaded dict, a file or a folder) is an MDLM checkpoint this module reads.
-
-    Cheap for files: a safetensors header, or the pickle of a zip-format torch file scanned for the reference's
-    parameter names without loading any tensor. Never raises.
-    """
+    """Whether ``obj_or_path`` (a loaded dict, a file or a folder) is an MDLM checkpoint; never raises. Cheap for
+    files: a safetensors header, or a zip-format torch file's pickle scanned for the reference's parameter names."""
     try:
         if isinstance(obj_or_path, Mapping):
             sd = obj_or_path.get("state_dict")

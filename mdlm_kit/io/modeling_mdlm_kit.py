@@ -19,7 +19,6 @@ class MdlmKitPreTrainedModel(PreTrainedModel):
     config_class = MdlmKitConfig
     config: MdlmKitConfig
     base_model_prefix = "backbone"
-    main_input_name = "input_ids"
     _no_split_modules = ["Block"]
     # transformers 5 reads a {target: source} dict; empty, with tie_word_embeddings=False, so nothing is tied
     _tied_weights_keys: dict[str, str] = {}
@@ -38,18 +37,14 @@ class MdlmKitPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
-        """The DiT's own initialization, not transformers' normal(0.02). ``from_pretrained`` runs it after loading:
-        under transformers' guard the init functions skip every loaded tensor (``_is_hf_initialized``), so only
-        what the file lacks is initialized, such as the rotary tables (non-persistent, empty after meta-device
-        construction)."""
+        """The DiT's own initialization, not transformers' normal(0.02). ``from_pretrained`` runs it after loading,
+        under a guard that skips every loaded tensor: only what the file lacks is set, such as the rotary tables
+        (the DiT's only non-persistent buffers, empty after meta-device construction)."""
         with hf_init.guard_torch_init_functions():
             self.backbone.reset_parameters()
-        for name, module in self.named_modules():
+        for module in self.modules():
             if isinstance(module, Rotary):
                 self._init_weights(module)
-            elif buffers := sorted(module._non_persistent_buffers_set):  # would load as uninitialized memory
-                raise NotImplementedError(f"{name} has non-persistent buffers {buffers}; recompute them in "
-                                          "MdlmKitPreTrainedModel._init_weights")
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, Rotary):
@@ -63,26 +58,20 @@ class MdlmKitPreTrainedModel(PreTrainedModel):
 
 
 class MdlmKitForMaskedLM(MdlmKitPreTrainedModel):
-    """A masked diffusion model: ``forward(input_ids, cond=...) -> MaskedLMOutput(logits)``, the DiT's raw scores
-    with the mask's column (the last id); mdlm-kit never predicts the mask (SUBS) and carries unmasked tokens over.
-    """
+    """A masked diffusion model: the DiT's raw scores, with the mask's column (the last id); mdlm-kit never
+    predicts the mask (SUBS) and carries unmasked tokens over."""
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cond: Tensor | None = None,
                 return_dict: bool | None = None, **kwargs) -> MaskedLMOutput | tuple[Tensor]:
-        """Args:
-            input_ids: (B, S) token ids, ``config.mask_token_id`` where a token is masked.
-            attention_mask: ignored: every position is attended to, as in training (padding is left out only of
-                the loss).
-            cond: (B,) mask rate 1 - alpha(t) of each sequence; required by time-conditioned models only.
-        """
+        """``input_ids``: (B, S), ``config.mask_token_id`` where masked; ``attention_mask`` is ignored (as in training,
+        every position is attended to); ``cond``: (B,) mask rate 1 - alpha(t), for time-conditioned models only."""
         logits = self.backbone(input_ids, cond)  # (B, S, V)
         return (logits,) if return_dict is False else MaskedLMOutput(logits=logits)
 
 
 class MdlmKitForCausalLM(MdlmKitPreTrainedModel, GenerationMixin):
-    """The autoregressive baseline: ``forward(input_ids) -> CausalLMOutput(logits)``, position l predicting l+1.
-    Sequences start with the mask id as start token (``config.bos_token_id``), which is never predicted; no
-    key/value cache: ``generate`` recomputes the prefix."""
+    """The autoregressive baseline, position l predicting l+1. Sequences start with the mask id
+    (``config.bos_token_id``), which is never predicted; no key/value cache: ``generate`` recomputes the prefix."""
 
     causal = True
 
