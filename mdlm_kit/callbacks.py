@@ -1,9 +1,6 @@
-"""What training needs beside the model: crash-safe checkpoints (atomic files, ``last.ckpt`` at the end of every run
-and on SIGTERM), the non-finite guard, the step progress bar, compile and FSDP2 sharding. ``mdlm-kit fit`` installs
-them; with the Python API pass them to the ``Trainer`` yourself::
-
-    Trainer(plugins=[AtomicCheckpointIO()], callbacks=[ModelCheckpoint(save_last=True), FinalCheckpoint()])
-"""
+"""Crash-safe checkpoints, the non-finite guard, the step progress bar, compile and FSDP2 sharding. ``mdlm-kit fit``
+installs them; from Python: ``Trainer(plugins=[AtomicCheckpointIO()], callbacks=[ModelCheckpoint(save_last=True),
+FinalCheckpoint()])``."""
 
 from __future__ import annotations
 
@@ -62,17 +59,12 @@ def _epochs_done(trainer: L.Trainer) -> bool:
 
 
 class FinalCheckpoint(Checkpoint):
-    """Writes the last checkpoint of every ``ModelCheckpoint(save_last=True)`` after the last step of a run, and
-    after the current step on SIGTERM: ``ModelCheckpoint`` saves every N steps, so a run ending between two saves
-    (``max_time``), or a cluster's SIGTERM, would lose the steps since. It saves at the end of the optimizer step, where
-    ``ModelCheckpoint`` does, so resuming continues exactly (``on_train_end`` would record the epoch as complete); as
-    a ``Checkpoint`` it runs after the other callbacks (EMA has averaged the step). A stop asked for inside a
-    gradient-accumulation window waits for the window's optimizer step.
-
-    It replaces Lightning's SIGTERM handler during training, which stops mid-validation or mid-window and, with several
-    processes, broadcasts inside the signal handler (a collective mismatch): the signal is only noted, and the
-    processes agree on it at the next optimizer step's end, save, and raise Lightning's ``SIGTERMException``.
-    """
+    """Saves every ``ModelCheckpoint(save_last=True)``'s last checkpoint after a run's last step and on SIGTERM, so a
+    run ending between two periodic saves (``max_time``, preemption) keeps its steps. It saves at the end of the
+    optimizer step like ``ModelCheckpoint`` (``on_train_end`` would record the epoch as complete), after the other
+    callbacks (EMA has averaged the step); a stop inside a gradient-accumulation window waits for that window's step.
+    Lightning's SIGTERM handler stops mid-window and broadcasts inside the handler (a collective mismatch); this one
+    only notes the signal, and the processes agree at the step's end, save, and raise ``SIGTERMException``."""
 
     def __init__(self) -> None:
         self._sigterm = False
@@ -81,10 +73,7 @@ class FinalCheckpoint(Checkpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGTERM, self._note_sigterm)
-
-    def _note_sigterm(self, signum, frame) -> None:
-        self._sigterm = True
+            self._previous_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_sigterm", True))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous_handler is not None:
@@ -145,11 +134,9 @@ def stop_reason(trainer: L.Trainer, sigterm: bool = False) -> str | None:
 
 
 class NonFiniteGuard(L.Callback):
-    """A non-finite loss (the module's ``last_loss``) or gradient stops the run before the optimizer step, with one
-    line naming the step and the last good checkpoint; nothing is saved after it (``save_on_exception`` included).
-    ``action="skip"`` skips the step instead (``train/skipped_steps``); ``max_consecutive`` in a row still stop the run.
-    The gradient scaler of 16-bit mixed precision skips overflowing steps itself. Every process decides alike (flags
-    all-reduced). Put it after the callbacks that change gradients: it checks what the optimizer is about to apply."""
+    """A non-finite loss (the module's ``last_loss``) or gradient stops the run before the optimizer step, nothing
+    saved after it; ``action="skip"`` skips the step (``max_consecutive`` in a row still stop). 16-bit's gradient scaler
+    skips such steps itself. Flags are all-reduced; put it after the callbacks that change gradients."""
 
     def __init__(self, action: Literal["stop", "skip"] = "stop", max_consecutive: int = 10) -> None:
         if action not in ("stop", "skip"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -55,8 +56,7 @@ def _keep_record(record: logging.LogRecord) -> bool:
 def _quiet_lightning() -> None:
     import warnings
 
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch", "lightning.fabric.utilities.seed",
-                 "lightning.pytorch.utilities.seed"):
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch", "lightning.fabric.utilities.seed"):
         logging.getLogger(name).addFilter(_keep_record)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # every model defines configure_model (for FSDP2), and EMA with FSDP2 is refused with its own message
@@ -155,9 +155,8 @@ def _lightning_cli(argv: list[str] | None) -> None:
             return ckpt
 
         def before_fit(self) -> None:
-            """Place the outputs, then refuse what would fail later, before anything is written: an unwritable
-            output folder, data that does not fit the model, a checkpoint to resume that is missing or broken or
-            of another model."""
+            """Place the outputs, then refuse before anything is written what would fail later (an unwritable folder,
+            data that does not fit the model, a missing, broken or foreign checkpoint to resume)."""
             self._place_outputs()
             for cb in self.trainer.callbacks:
                 if isinstance(cb, InitWeights):
@@ -201,9 +200,8 @@ def fit_summary(trainer, model, datamodule) -> list[str]:
     if value is None:
         return [*lines, f"mdlm-kit: fit done: {where}, {steps}{of} steps; no validation ran"]
     value, unigram = float(value), None
-    if hasattr(datamodule, "unigram_entropy"):
-        with contextlib.suppress(UserError):  # a streamed validation split: no stored blocks to count
-            unigram = datamodule.unigram_entropy("val")
+    with contextlib.suppress(UserError):  # a streamed validation split: no stored blocks to count
+        unigram = datamodule.unigram_entropy("val")
     what = "NELBO" if model.metric == "nelbo" else "NLL"
     ratio = f", {value / unigram:.3f} of the unigram entropy {unigram:.3f}" if unigram else ""
     lines.append(f"mdlm-kit: fit done: {where}, {steps}{of} steps; validation {what} {value:.3f} nats/token{ratio}")
@@ -211,7 +209,7 @@ def fit_summary(trainer, model, datamodule) -> list[str]:
         fixes = ["train longer (trainer.max_steps)"]
         if model.hparams.get("unigram_bias") is False:
             fixes.append("start the output bias at the token frequencies (model.unigram_bias: true)")
-        if getattr(getattr(model, "config", None), "conv_kernel", None) == 0:
+        if model.config.conv_kernel == 0:
             fixes.append("give the model a local convolution (model.backbone.conv_kernel: 3)")
         lines.append(
             f"mdlm-kit: warning: the validation {what} is within {1 - UNIGRAM_WARN_RATIO:.0%} of the unigram entropy: "
@@ -223,8 +221,6 @@ def fit_summary(trainer, model, datamodule) -> list[str]:
 def _function(target: str, argv: list[str], print_json: bool = True):
     """``mdlm-kit CMD ARGS`` for a command that is one function (``module:name``): its options are its typed
     arguments (jsonargparse); its result is printed as one JSON line."""
-    import json
-
     from jsonargparse import CLI
 
     module, name = target.split(":")
@@ -240,8 +236,7 @@ def _generate(argv: list[str]) -> None:
     def alias(name: str) -> str:  # a registered name (fhs) is its class; an unknown one is one line listing them
         return name if name.startswith(("{", "[")) or "." in name else sampler_class(name).__name__
 
-    argv = list(argv)
-    for i, arg in enumerate(argv):
+    for i, arg in enumerate(argv):  # argv is main's own copy
         if arg.startswith("--sampler="):
             argv[i] = "--sampler=" + alias(arg[len("--sampler="):])
         elif arg == "--sampler" and i + 1 < len(argv):
@@ -258,8 +253,6 @@ def _check_likelihood(argv: list[str]) -> None:
 
 
 def _data(argv: list[str]) -> None:
-    import json
-
     from mdlm_kit.data.prepare import prepare
 
     if not argv or argv[0] != "prepare":

@@ -53,11 +53,9 @@ def generate(checkpoint: str, sampler: Sampler | None = None, num_samples: int =
     Args:
         checkpoint: a ``.ckpt`` written by ``mdlm-kit fit``, a folder written by ``mdlm-kit export``,
             or a checkpoint of the MDLM reference code.
-        sampler: the sampler and its options: ``fhs`` (``FirstHitting``: first-hitting, exact, one network call per
-            token; the default), ``ancestral`` (``Ancestral``), ``ancestral_cache`` (``AncestralCache``),
-            ``semi_ar`` (``SemiAutoregressive``: blocks left to right, any length) or ``confidence``
-            (``Confidence``: MaskGIT/LLaDA-style, approximate); its options follow it:
-            ``--sampler ancestral --sampler.steps 500 --sampler.temperature 0.9``.
+        sampler: ``fhs`` (``FirstHitting``: exact, one network call per token; the default), ``ancestral``
+            (``Ancestral``), ``ancestral_cache`` (``AncestralCache``), ``semi_ar`` (``SemiAutoregressive``: any length)
+            or ``confidence`` (``Confidence``: approximate), then options: ``--sampler ancestral --sampler.steps 500``.
         num_samples: how many sequences.
         length: tokens per sequence, BOS and prompt included.
         seed: noise seed; sample i depends only on (seed, i).

@@ -71,8 +71,7 @@ class LanguageModel(L.LightningModule):
     Args:
         vocab_size: model vocabulary including the mask token (the last id); linked from the data.
         backbone: the DiT's shape (a named size, fields overridden): ``--model.backbone.size small``.
-        family: what the model is and its loss: ``MaskedDiffusion`` (default; schedule, estimator, discrete
-            steps, ...) or ``Autoregressive``: ``--model.family Autoregressive``.
+        family: the model and its loss: ``MaskedDiffusion`` (default; schedule, estimator, ...) or ``Autoregressive``.
         optimizer: called with the parameter groups (weights decay, embeddings and 1-d parameters do not);
             default AdamW at 3e-4 without weight decay.
         lr_scheduler: called with the optimizer, stepped every optimizer step (``WarmupCosine``); default none.

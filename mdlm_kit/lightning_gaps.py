@@ -1,14 +1,9 @@
 """Every private Lightning name the toolkit touches, each with the smallest workaround (tests/test_layers.py fails on
-one anywhere else), so a Lightning release that renames one breaks this file only.
-
-1. ``LightningCLI._parse_ckpt_path`` replaces the config's model settings with ``--ckpt_path``'s, and a truncated
-   file or a setting another version wrote is a traceback there; no public hook runs between parsing and that step.
-2. ``Trainer._accelerator_connector.use_distributed_sampler``: the Trainer keeps that argument nowhere public, and
-   the data module, which shards batches itself, must refuse to run under Lightning's sampler.
-
-A gap without a private name: ``ModelParallelStrategy.setup`` refuses a module that does not override
-``configure_model``; the sharding is the ``callbacks.FSDP2Sharding`` callback's, so that hook only checks it ran.
-"""
+one anywhere else):
+1. ``LightningCLI._parse_ckpt_path`` puts ``--ckpt_path``'s model settings over the config's: a truncated file or
+   another version's setting is a traceback there, and no public hook runs in between.
+2. The Trainer keeps ``use_distributed_sampler`` nowhere public; the data module, which shards itself, must refuse it.
+No private name: ``ModelParallelStrategy`` needs a ``configure_model`` override; ``FSDP2Sharding`` is what shards."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ def process_gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     except PermissionError:
-        return False
+        pass
     return False
 
 
@@ -70,21 +70,18 @@ def atomic_write(path: str | Path, write: Callable[[str], None], durable: bool =
         fsync_path(path.parent)
 
 
-def remove_stale_temps(path: str | Path) -> list[Path]:
+def remove_stale_temps(path: str | Path) -> None:
     """Remove the temporary files of ``atomic_write(path)`` calls whose process died on this machine (those of live
     processes, and of other machines sharing the folder, stay)."""
     path = Path(path)
     prefix = f".{path.name}.{host_tag()}-"
-    removed = []
     for tmp in path.parent.glob(f"{prefix}*-*.tmp"):
         pid = tmp.name[len(prefix):].split("-", 1)[0]
         if pid.isdecimal() and process_gone(int(pid)):
             tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-    return removed
 
 
-def check_writable_folder(folder: str | Path, what: str, create: bool = False) -> Path:
+def check_writable_folder(folder: str | Path, what: str, create: bool = False) -> None:
     """Fail early, with one line, if files cannot be written in ``folder`` (with ``create``, in its nearest existing
     parent; nothing is created): before hours of work, not after. Tries a real file, so it also catches read-only
     mounts and root's permission-bit bypass that ``os.access`` does not."""
@@ -104,7 +101,6 @@ def check_writable_folder(folder: str | Path, what: str, create: bool = False) -
             pass
     except OSError as e:
         raise UserError(f"{what}: cannot write in the folder {probe} ({e.strerror}); pick a writable folder") from None
-    return folder
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
