@@ -14,7 +14,7 @@ import torch
 
 from helpers import CONFIGS, DDP, ROOT, run_cli, run_main, write_corpus
 from mdlm_kit.data import TextDataModule
-from mdlm_kit.data.cache import Blocks, Packing, build_split, token_dtype
+from mdlm_kit.data.cache import Blocks, Packing, build_split
 from mdlm_kit.data.recipes import lm1b_detokenize, load_recipe_splits, ptb_detokenize, wikitext_detokenize
 from mdlm_kit.data.tokenizers import load_gpt2
 from mdlm_kit.errors import UserError
@@ -205,8 +205,11 @@ def test_second_run_reads_the_cache_without_tokenizing(tmp_path, monkeypatch):
 
 
 def test_token_cache_stores_uint32_above_65536_ids_and_spans_shards(tmp_path):
-    assert token_dtype(65_536) == np.uint16 and token_dtype(65_537) == np.uint32
     ds = datasets.Dataset.from_dict({"text": ["a" * n for n in (5, 17, 3, 40, 9)]})
+    for vocab_size, dtype in ((65_536, np.uint16), (65_537, np.uint32)):  # uint16 holds ids up to 65,535
+        small, _ = build_split(tmp_path / str(vocab_size), ds, lambda texts: [[65_535] * len(t) for t in texts],
+                               vocab_size, Packing("concat", 4, 0, 0, 0), meta={})
+        assert small.shards[0].dtype == dtype and small.read(0, len(small)).max() == 65_535
 
     def encode(texts):
         return [[70_000 + 13 * i + len(t) for i in range(len(t))] for t in texts]
@@ -520,13 +523,13 @@ def test_hub_and_local_copy_give_the_same_blocks(tmp_path, monkeypatch, recipe, 
 
 
 def test_validation_batches_are_even_across_ranks_and_fillers_weigh_nothing():
-    from mdlm_kit.data.datamodule import BlockDataset, _ShardSampler
+    from mdlm_kit.data.datamodule import BlockDataset, _val_batches
 
     packing = Packing("concat", 4, 0, 0, 0)
     blocks = Blocks(packing.stream([list(range(10 * 4))]), packing)
     seen = []
     for rank in range(4):
-        batches = list(_ShardSampler(10, 2, 4, rank))
+        batches = _val_batches(10, 2, 4, rank)
         assert len(batches) == 2  # 10 blocks over 4 ranks: every rank 2 batches (3 entries, the last a filler)
         items = [BlockDataset(blocks)[i] for b in batches for i in b]
         seen += [it["index"] for it in items if it["weight"] == 1.0]

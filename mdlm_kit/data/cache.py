@@ -3,8 +3,7 @@
 A split is ``<cache>/tokens/<key>/<split>/``: ``shard-00000.bin ...`` (the token stream with the packing's
 separators, so a block is one slice; raw uint16, or uint32 above 65,536 ids), ``doc_ends.npy`` (int64 end of each
 document) and ``index.json`` (dtype, shard sizes, counts, the options it was built with). It is built in a
-temporary folder renamed into place in one step: a preparation killed part-way leaves no half-written split.
-"""
+temporary folder renamed into place in one step: a preparation killed part-way leaves no half-written split."""
 
 from __future__ import annotations
 
@@ -27,10 +26,6 @@ PACKINGS = ("stream", "wrap", "concat", "pad")  # checked by the data module
 SHARD_TOKENS = 1 << 27  # 256 MB of uint16 per shard
 MAP_BATCH = 1000  # documents per batch of Dataset.map
 EMPTY = np.zeros(0, np.int64)
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
 
 
 class TokenStream:
@@ -137,10 +132,8 @@ class Blocks:
 
 
 def _write_shard(path: Path, tokens: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        tokens.tofile(f)
-        f.flush()
-        os.fsync(f.fileno())
+    tokens.tofile(path)
+    fsync_path(path)
 
 
 def map_processes(num_proc: int | None, n_docs: int) -> int | None:
@@ -153,9 +146,8 @@ def map_processes(num_proc: int | None, n_docs: int) -> int | None:
 def build_split(folder: Path, dataset, encode_batch, vocab_size: int, packing: Packing, meta: dict,
                 num_proc: int | None = None, shard_tokens: int = SHARD_TOKENS,
                 progress: bool = False) -> tuple[TokenStream, dict]:
-    """Tokenize ``dataset`` (a ``datasets.Dataset`` with a ``text`` column) into ``folder``, unless it is there;
-    ``encode_batch`` runs under ``Dataset.map(batched=True, num_proc=...)``. Also returns the build's tokens,
-    shards, seconds and whether it was ``cached``."""
+    """Tokenize ``dataset``'s ``text`` column into ``folder`` (``encode_batch`` under ``Dataset.map``) unless it is
+    there; also returns the build's tokens, shards, seconds and whether it was ``cached``."""
     if (folder / "index.json").exists():
         try:
             return TokenStream.open(folder), {"tokens": 0, "shards": 0, "seconds": 0.0, "cached": True}
@@ -184,7 +176,8 @@ def build_split(folder: Path, dataset, encode_batch, vocab_size: int, packing: P
             remove_columns=dataset.column_names, desc=f"tokenizing {folder.name}", load_from_cache_file=False,
             cache_file_name=str(tmp / "_map" / "tokenized.arrow"),
         )
-        dtype, shards, ends, pending, total = token_dtype(vocab_size), [], [EMPTY], [EMPTY], 0
+        dtype = np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
+        shards, ends, pending, total = [], [EMPTY], [EMPTY], 0
 
         def write(tokens: np.ndarray) -> None:
             shards.append({"file": f"shard-{len(shards):05d}.bin", "tokens": len(tokens)})

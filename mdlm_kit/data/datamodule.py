@@ -69,27 +69,18 @@ class EpochBatchSampler:
         return self.batches_per_epoch
 
 
-class _ShardSampler:
+def _val_batches(num_samples: int, batch_size: int, world_size: int, rank: int) -> list[list[int]]:
     """Validation: rank r of W takes blocks r, r + W, ...; every rank the same number of batches (FSDP gathers
     weights in each forward: a rank with an extra batch would wait forever), topped up with fillers ``-1 - i``."""
-
-    def __init__(self, num_samples: int, batch_size: int, world_size: int, rank: int):
-        idx = list(range(rank, num_samples, world_size))
-        idx += [-1 - idx[0] if idx else -1] * (-(-num_samples // world_size) - len(idx))
-        self.batches = [idx[lo : lo + batch_size] for lo in range(0, len(idx), batch_size)]
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
+    idx = list(range(rank, num_samples, world_size))
+    idx += [-1 - idx[0] if idx else -1] * (-(-num_samples // world_size) - len(idx))
+    return [idx[lo : lo + batch_size] for lo in range(0, len(idx), batch_size)]
 
 
 class StreamingBlocks(torch.utils.data.IterableDataset):
-    """Blocks packed on the fly from a stream of documents (``data.streaming``). The stream is endless (each pass
-    reshuffles), so processes that run out at different times never leave the others waiting in a collective.
-    Each process and DataLoader worker reads its own part (by example where a held-out tail was cut off the
-    stream, so no process reads past the cut); a resumed run replays the stream, dropping what was delivered."""
+    """Blocks packed on the fly from ``data.streaming``'s documents. Endless (each pass reshuffles): processes that run
+    out at different times never wait in a collective. Each process and worker reads its own part (by example
+    where a held-out tail was cut off, so none reads past the cut); a resumed run drops what was delivered."""
 
     def __init__(self, stream, dm: TextDataModule, world: int, rank: int):
         self.stream, self.world, self.rank, self.encode = stream, world, rank, dm.tokenizer.encode_batch
@@ -137,17 +128,15 @@ class TextDataModule(L.LightningDataModule):
     """Text -> tokenizer -> token cache -> blocks of ``seq_len`` tokens -> batches.
 
     Args:
-        corpus: ``shakespeare`` (embedded default), a text/JSONL file or folder, or a dataset recipe loaded with
-            Hugging Face datasets (``openwebtext``, ``lm1b``, ``text8``, ``wikitext103``, ..., ``hf:NAME[:CONFIG]``).
+        corpus: ``shakespeare`` (embedded), a text/JSONL file or folder, or a recipe (``openwebtext``, ``lm1b``, ...).
         path: a local copy of a recipe's dataset (``save_to_disk`` folder, data files named by split, or one file).
         tokenizer: ``char``, ``bpe`` (trained on the training split), ``gpt2``, or a Hugging Face name or folder.
         bpe_vocab_size: vocabulary size of the trained BPE (specials included).
         seq_len: tokens per block.
         batch_size: training sequences per batch and process (the global batch is this times the processes).
         eval_batch_size: validation sequences per batch (default: batch_size).
-        packing: ``stream`` ([BOS] doc [EOS] ... cut into blocks), ``wrap`` (MDLM's: doc [EOS] ... cut into
-            seq_len - 2, each block [BOS] piece [EOS]), ``concat`` (no separators) or ``pad`` (a document a block,
-            padding not scored).
+        packing: ``stream`` ([BOS] doc [EOS] ... cut into blocks), ``wrap`` (MDLM's: each block [BOS] piece [EOS]),
+            ``concat`` (no separators) or ``pad`` (a document a block, padding not scored).
         insert_eos: ``wrap`` only: put EOS between documents.
         val_fraction: share of documents held out when a local corpus has no fixed split.
         val_docs: one-split recipes (OpenWebText): documents held out at its end (default: the recipe's, 100,000).
@@ -156,8 +145,7 @@ class TextDataModule(L.LightningDataModule):
         num_proc: tokenization processes (``Dataset.map``); default: the CPUs, at most one per 1,000 documents.
         shuffle_seed: seed of the batch order (default: the one given to ``seed_everything``, else 0).
         shard_tokens: tokens per shard file of the token cache.
-        streaming: tokenize and pack a recipe's training split on the fly, storing nothing (corpora that do not
-            fit on disk); needs a pretrained tokenizer (``gpt2`` or a Hugging Face one).
+        streaming: tokenize a recipe's training split on the fly, storing nothing; needs a pretrained tokenizer.
         shuffle_buffer: documents in the streaming shuffle buffer (0 or 1: stream order).
     """
 
@@ -193,8 +181,6 @@ class TextDataModule(L.LightningDataModule):
         self.stats: dict[str, dict] = {}  # per split: what building its token cache took
         self._resume: dict | None = None
         self.cache_folder = self._stream = None
-
-    # ---- preparation (idempotent, cached) ----
 
     def _splits(self):
         """({"train": Dataset, "val": Dataset} with a ``text`` column, an id of the data for cache keys)."""
@@ -263,8 +249,6 @@ class TextDataModule(L.LightningDataModule):
         tok, packing = self._tok(), self.packer(seq_len, insert_eos)
         return Blocks(packing.stream(tok.encode_batch(texts)), packing)
 
-    # ---- what the model and the metrics need ----
-
     @property
     def model_vocab_size(self) -> int:
         """Tokenizer vocabulary plus one: the mask token is the last id."""
@@ -303,8 +287,6 @@ class TextDataModule(L.LightningDataModule):
         counts = self.token_counts(split)
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())
-
-    # ---- loaders ----
 
     def _world(self) -> tuple[int, int]:
         return (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
@@ -356,7 +338,7 @@ class TextDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         h, blocks = self.hparams, self.blocks("val")
         return DataLoader(BlockDataset(blocks), num_workers=h.num_workers, generator=self._loader_generator(),
-                          batch_sampler=_ShardSampler(len(blocks), h.eval_batch_size or h.batch_size, *self._world()))
+                          batch_sampler=_val_batches(len(blocks), h.eval_batch_size or h.batch_size, *self._world()))
 
     # ---- checkpoint state: the tokenizer and the data position travel with the checkpoint ----
 

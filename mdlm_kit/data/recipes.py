@@ -1,9 +1,5 @@
-"""Dataset recipes: the papers' corpora through Hugging Face ``datasets``, from the hub or a local copy in the hub's
-format (a ``save_to_disk`` folder, a folder of data files named by split, or one file, all of it one split).
-
-Splits and detokenizers (for corpora distributed pre-tokenized) follow the MDLM reference code (``dataloader.py``),
-which is how the papers' zero-shot numbers were produced.
-"""
+"""Dataset recipes: the papers' corpora through Hugging Face ``datasets``, from the hub or a local copy in its format.
+Splits and detokenizers follow the MDLM reference code (``dataloader.py``), which produced the papers' numbers."""
 
 from __future__ import annotations
 
@@ -13,8 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mdlm_kit.errors import UserError
-
-# ---- detokenizers: undo the tokenization corpora were distributed with ----
 
 
 def wikitext_detokenize(s: str) -> str:
@@ -64,22 +58,16 @@ def papers_detokenize(s: str) -> str:
     return lm1b_detokenize(wikitext_detokenize(s))
 
 
-_WIKI_TITLE = re.compile(r"^ = [^=].* = $")
-
-
 def wikitext_articles(lines: list[str]) -> list[str]:
     """WikiText rows are lines; an article starts at a top-level heading line `` = Title = ``."""
     articles: list[list[str]] = []
     for line in lines:
-        if _WIKI_TITLE.match(line.rstrip("\n")) or not articles:
+        if re.match(r"^ = [^=].* = $", line.rstrip("\n")) or not articles:
             articles.append([])
         articles[-1].append(line)
     return ["".join(a) for a in articles if "".join(a).strip()]
 
 
-# ---- recipes ----
-
-TEXT8_URL = "https://mattmahoney.net/dc/text8.zip"
 TEXT8_SPLITS = {"train": (0.0, 0.9), "validation": (0.9, 0.95), "test": (0.95, 1.0)}  # 90M / 5M / 5M of 100M
 
 
@@ -104,7 +92,7 @@ RECIPES: dict[str, Recipe] = {
     for r in (
         Recipe("openwebtext", "Skylion007/openwebtext", val_split="train", val_docs=100_000),
         Recipe("lm1b", "dvruette/lm1b", val_split="test", detokenize=lm1b_detokenize),
-        Recipe("text8", TEXT8_URL),
+        Recipe("text8", "https://mattmahoney.net/dc/text8.zip"),
         Recipe("wikitext103", "Salesforce/wikitext", "wikitext-103-raw-v1", detokenize=wikitext_detokenize, lines=True),
         Recipe("wikitext2", "Salesforce/wikitext", "wikitext-2-raw-v1", detokenize=wikitext_detokenize, lines=True),
         Recipe("ptb", "ptb-text-only/ptb_text_only", "penn_treebank", "sentence", detokenize=ptb_detokenize),
@@ -121,9 +109,6 @@ def is_dataset_name(name: str) -> bool:
     return name in RECIPES or name.startswith("hf:")
 
 
-# ---- loading: hub or a local copy, as datasets.Dataset objects ----
-
-
 def _load(recipe: Recipe, path: str | None, streaming: bool) -> dict:
     """{split: Dataset} from the hub, or from ``path``, a local copy in the hub's format."""
     import datasets
@@ -131,16 +116,15 @@ def _load(recipe: Recipe, path: str | None, streaming: bool) -> dict:
     if path and not Path(path).expanduser().exists():
         raise UserError(f"data.path: no such file or folder: {path} (a local copy of {recipe.name})")
     try:
-        if not path and recipe.name == "text8":
-            return _text8_splits(Path(datasets.DownloadManager().download_and_extract(TEXT8_URL)))
-        if not path:
-            return dict(datasets.load_dataset(recipe.hub, recipe.config, streaming=streaming))
-        p, only = Path(path).expanduser(), recipe.train_split or recipe.val_split  # the split a lone file or Dataset is
-        if p.is_dir() and ((p / "dataset_dict.json").exists() or (p / "state.json").exists()):
+        p = Path(path).expanduser() if path else None
+        only = recipe.train_split or recipe.val_split  # the split a lone file or Dataset is
+        if p and p.is_dir() and ((p / "dataset_dict.json").exists() or (p / "state.json").exists()):
             ds = datasets.load_from_disk(str(p))
             return dict(ds) if isinstance(ds, datasets.DatasetDict) else {only: ds}
         if recipe.name == "text8":
-            return _text8_splits(p)
+            return _text8_splits(p or Path(datasets.DownloadManager().download_and_extract(recipe.hub)))
+        if not p:
+            return dict(datasets.load_dataset(recipe.hub, recipe.config, streaming=streaming))
         if p.is_dir():
             return dict(datasets.load_dataset(str(p)))
         builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
@@ -178,12 +162,8 @@ def _text8_splits(p: Path) -> dict:
 
 def load_recipe_splits(name: str, path: str | None = None, text_key: str | None = None, val_docs: int | None = None,
                        streaming: bool = False, eval_split: str | None = None) -> dict:
-    """{"train": Dataset | None, "val": Dataset} with one string column ``text``, cleaned as the recipe says.
-
-    ``eval_split`` picks another split as "val" (e.g. ``test``). ``streaming``: the training split is a
-    ``datasets.IterableDataset``; the validation split is still a ``Dataset`` (for one-split recipes, the stream's
-    last ``val_docs`` documents, which takes one pass over the stream the first time).
-    """
+    """{"train": Dataset | None, "val": Dataset} with one string column ``text``, cleaned as the recipe says;
+    ``eval_split`` is read as "val". Streamed, "train" is an ``IterableDataset`` and "val" still a ``Dataset``."""
     import datasets
 
     if not is_dataset_name(name):

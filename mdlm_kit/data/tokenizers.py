@@ -1,11 +1,11 @@
 """One tokenizer type: a Hugging Face fast tokenizer (``tokenizers.Tokenizer``) with the ids packing needs. Its dict
 form travels in checkpoints, so a checkpoint decodes its own samples. The mask is no tokenizer's: it is the model's
-last id. A ``char`` tokenizer is a BPE without merges over the training text's characters, after BOS, EOS and UNK.
-"""
+last id. A ``char`` tokenizer is a BPE without merges over the training text's characters, after BOS, EOS and UNK."""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -174,10 +174,7 @@ def build_tokenizer(kind: str, train_texts: Iterable[str], vocab_size: int, cach
     if cache_file is not None and cache_file.exists():
         return tokenizer_from_dict(json.loads(cache_file.read_text()))
     if kind == "char":
-        chars: set[str] = set()
-        for text in train_texts:
-            chars.update(text)
-        tok = tokenizer_from_dict({"kind": "char", "chars": sorted(chars)})
+        tok = tokenizer_from_dict({"kind": "char", "chars": sorted(set(itertools.chain.from_iterable(train_texts)))})
     else:
         tok = train_bpe(train_texts, vocab_size)
     if cache_file is not None:
