@@ -1,10 +1,6 @@
-"""``mdlm-kit check-likelihood``: train on a source of known entropy and compare the bound with the truth (README,
-"Likelihood checks").
-
-The source is written as independent stationary chains, each a whole number of blocks long, packed without
-separators, so every block has the exact entropy H(pi) + (L - 1) h. A valid bound never goes below it
-(``nelbo >= true_entropy - 3 stderr``), and ``gap_rel`` shrinks with training. ``source_nll``, the source's own NLL
-on the blocks evaluated, gives the paired gap, free of the spread of -log p(x) between blocks.
+"""``mdlm-kit check-likelihood`` (README, "Likelihood checks"): independent stationary chains, each a whole number of
+blocks long, packed without separators, so every block has the exact entropy H(pi) + (L - 1) h; a valid bound stays
+above it. ``source_nll`` (the source's NLL on the same blocks) gives the paired gap, free of the between-block spread.
 """
 
 from __future__ import annotations

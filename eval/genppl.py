@@ -1,6 +1,5 @@
-"""``mdlm-kit genppl``: generative perplexity of samples under a causal LM, with diversity (README, "Generative
-perplexity"). A record's given tokens (BOS and prompt) are context, not scored; text is cut into windows of the
-scorer's context, each starting afresh after a BOS (else EOS; the start token for toolkit checkpoints). Diversity
+"""``mdlm-kit genppl`` (README, "Generative perplexity"): given tokens (BOS, prompt) are context, not scored; text is
+cut into windows of the scorer's context, each after a BOS (else EOS; toolkit checkpoints: the start token). Diversity
 is measured on the sampled ids without the given tokens (the scorer's tokens for records without ``tokens``)."""
 
 from __future__ import annotations
@@ -85,11 +84,10 @@ class HFScorer:
                 f"--scorer {name}: cannot load a causal LM ({first[:200]}); offline, give a local folder or an "
                 "autoregressive checkpoint of this toolkit (mdlm-kit fit --config configs/shakespeare_ar.yaml)"
             ) from None
-        self.name = name
-        bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
-        if bos is None:
+        self.name, tok = name, self.tokenizer
+        self.bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if self.bos is None:
             raise UserError(f"--scorer {name}: its tokenizer has neither a BOS nor an EOS token to start from")
-        self.bos = bos
         self.window = int(getattr(self.model.config, "max_position_embeddings", None) or 1024) - 1  # BOS + window
 
     def prepare(self, rec: dict) -> tuple[list[int], int, bool]:

@@ -59,10 +59,8 @@ class Likelihood:
 @torch.no_grad()
 def evaluate_likelihood(model, blocks: np.ndarray, batch_size: int = 64, seed: int = 0, num_steps: int | None = None,
                         num_t_samples: int = 1, estimator: str | None = None, progress: bool = False) -> Likelihood:
-    """Likelihood of ``model`` (a ``LanguageModel``) on ``blocks`` (N, L): the exact NLL of an autoregressive model,
-    else the NELBO averaged over ``num_t_samples`` = K time samples per sequence (one is the MDLM protocol), with the
-    model's estimator unless ``estimator`` is given. Sample k of sequence i is keyed by i * K + k: its noise depends
-    only on (seed, i, k), never on the batch size, and the K times of a sequence are stratified."""
+    """Exact NLL (autoregressive) or NELBO of a ``LanguageModel`` on ``blocks`` (N, L), averaged over K =
+    ``num_t_samples`` noise samples per sequence keyed by i * K + k: independent of the batch size, stratified."""
     from tqdm.auto import tqdm
 
     model.eval()

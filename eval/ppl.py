@@ -102,19 +102,14 @@ def perplexity(checkpoint: str, data: str | None = None, split: str | None = Non
     Args:
         checkpoint: a ``.ckpt`` written by ``mdlm-kit fit``, a folder written by ``mdlm-kit export``,
             or a checkpoint of the MDLM reference code (masked diffusion or autoregressive).
-        data: corpus to evaluate: ``shakespeare``, a .txt/.jsonl file or a folder, or a dataset by name, e.g.
-            the zero-shot sets ``ptb``, ``wikitext2``, ``wikitext103``, ``lm1b``, ``lambada``, ``ag_news``,
-            ``pubmed``, ``arxiv`` (Hugging Face datasets; ``--path`` for a local copy); default: the
-            checkpoint's own training data.
-        split: ``val``, ``train`` or ``all``; for datasets also a split name such as ``test`` (default: ``val``
-            of the checkpoint's data or of a dataset, i.e. the split MDLM evaluates; ``all`` of a file).
+        data: corpus (default: the checkpoint's): ``shakespeare``, a .txt/.jsonl file or folder, or a dataset such as
+            ``ptb``, ``wikitext2``, ``wikitext103``, ``lm1b``, ``lambada``, ``ag_news``, ``pubmed``, ``arxiv``.
+        split: ``val`` (default; MDLM's), ``train``, ``all`` (default for a file) or a dataset's split (``test``).
         seq_len: tokens per block (default: the training block length; at most the model's maximum).
         text_key: field holding the text (JSONL records, datasets); default ``text`` or the dataset's.
         path: local copy of the dataset named by ``--data`` (offline).
-        insert_eos: with the checkpoint's ``wrap`` packing, put EOS between documents (``true``, MDLM's
-            default) or not (``false``); blocks keep their BOS/EOS either way. Default: as in training.
-        estimator: ``time`` (the MDLM protocol: stratified t, independent masks) or ``count``
-            (t integrated out; time-agnostic models in continuous time).
+        insert_eos: with ``wrap`` packing, EOS between documents (MDLM's) or not; default: as in training.
+        estimator: ``time`` (MDLM's: stratified t) or ``count`` (t integrated out; time-agnostic, continuous time).
         num_t_samples: time samples per sequence, averaged (K); 1 is the papers' protocol.
         num_steps: discrete-time bound with T steps; default continuous time.
         batch_size: sequences per forward pass (the result does not depend on it).

@@ -1,9 +1,5 @@
-"""Sources of known entropy over a small alphabet, for checking likelihood bounds against the truth.
-
-A source is a stationary Markov chain over characters (i.i.d. tokens are the chain whose rows are
-all equal). For a block of L consecutive symbols of the stationary chain the exact entropy is
-H(pi) + (L - 1) h, with pi the stationary distribution and h the entropy rate
--sum_i pi_i sum_j P_ij log P_ij (Cover & Thomas, thm. 4.2.4).
+"""Stationary Markov chains over characters (i.i.d.: all rows equal) of known entropy: L consecutive symbols have
+H(pi) + (L - 1) h, pi the stationary distribution, h = -sum_i pi_i sum_j P_ij log P_ij (Cover & Thomas, thm. 4.2.4).
 """
 
 from __future__ import annotations
@@ -23,12 +19,8 @@ class MarkovSource:
     transition: np.ndarray  # (A, A), rows sum to 1
 
     def __post_init__(self):
-        P = np.asarray(self.transition, dtype=np.float64)
-        if P.shape != (len(self.alphabet), len(self.alphabet)) or not np.allclose(P.sum(1), 1.0):
-            raise ValueError("transition must be a square stochastic matrix over the alphabet")
-        self.transition = P
         # stationary distribution: the left eigenvector of P for eigenvalue 1
-        w, v = np.linalg.eig(P.T)
+        w, v = np.linalg.eig(self.transition.T)
         pi = np.real(v[:, np.argmin(np.abs(w - 1.0))])
         self.stationary = pi / pi.sum()
 
@@ -67,13 +59,11 @@ class MarkovSource:
 def make_source(name: Source, seed: int = 0) -> MarkovSource:
     """``iid``: 8 symbols with Zipf-like frequencies. ``markov``: a 6-symbol chain whose rows each put
     most of their mass on two or three successors (entropy rate well below the symbol entropy)."""
-    rng = np.random.default_rng(seed)
     if name == "iid":
         p = np.array([1.0 / (k + 1) for k in range(8)])
         return MarkovSource("abcdefgh", np.tile(p / p.sum(), (8, 1)))
     if name == "markov":
-        A = 6
-        P = 0.85 * rng.dirichlet(np.full(A, 0.3), size=A) + 0.15 / A
+        P = 0.85 * np.random.default_rng(seed).dirichlet(np.full(6, 0.3), size=6) + 0.15 / 6
         return MarkovSource("abcdef", P / P.sum(1, keepdims=True))
     raise ValueError(f"unknown source {name!r}; choose iid or markov")
 

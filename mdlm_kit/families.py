@@ -1,7 +1,5 @@
 """Diffusion families, the extension point: how a clean block is corrupted, its loss (a bound, or the exact NLL),
-and how a sampler calls the network. The LightningModule, ``mdlm-kit ppl`` and generation only talk to a family; in
-a config it is a ``class_path`` object (``model.family: MaskedDiffusion``, ``--model.family.estimator count``).
-"""
+and how a sampler calls the network. In a config: ``model.family: MaskedDiffusion`` (a ``class_path`` object)."""
 
 from __future__ import annotations
 
@@ -34,14 +32,11 @@ class Family:
 
     def replace(self, **changes) -> Family:
         """A copy with other arguments, checked as the constructor checks them."""
-        return type(self)(**{**self.args(), **changes}).bind(self.mask_id)
-
-    def args(self) -> dict:
-        return init_args(self)
+        return type(self)(**{**init_args(self), **changes}).bind(self.mask_id)
 
     def spec(self) -> dict:
         """This family as a config entry (``class_path``, ``init_args``): what checkpoints hold."""
-        return spec(self, **{k: v.spec() for k, v in self.args().items() if isinstance(v, Schedule)})
+        return spec(self, **{k: v.spec() for k, v in init_args(self).items() if isinstance(v, Schedule)})
 
     def loss(self, backbone: nn.Module, x0: Tensor, keys: Tensor, stream: int,
              valid: Tensor | None = None) -> NelboTerms:
@@ -50,23 +45,20 @@ class Family:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.args().items())})"
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in init_args(self).items())})"
 
 
 class MaskedDiffusion(Family):
     """Masked (absorbing-state) diffusion: SUBS parameterization, continuous time or T discrete steps.
 
     Args:
-        schedule: the noise schedule, a ``mdlm_kit.schedules`` class with its arguments (``LogLinear`` by default;
-            ``--model.family.schedule Polynomial --model.family.schedule.power 2``).
+        schedule: the noise schedule (default ``LogLinear``), e.g. ``--model.family.schedule Polynomial``.
         num_steps: None for the continuous-time NELBO, else the number T of discrete steps.
-        estimator: ``time`` (sample t, mask tokens independently), ``count`` (t integrated out in closed
-            form; same expectation, far lower variance; time-agnostic continuous-time models only) or
-            ``auto`` (``count`` where it applies, else ``time``). See ``mdlm_kit.objective``.
+        estimator: ``time`` (sample t), ``count`` (t integrated out: same expectation, far lower variance;
+            time-agnostic continuous-time models only) or ``auto`` (``count`` where it applies, else ``time``).
         time_conditioning: feed the noise level to the backbone (adaLN); off by default (time-agnostic).
         seed: seed of the corruption noise (times and masks), independent of the data order.
-        masked_only: compute logits only at masked positions (the loss is exactly 0 elsewhere), through
-            the fused weighted cross-entropy; same loss and gradients, less time and memory.
+        masked_only: logits only at masked positions (fused weighted cross-entropy): same loss and gradients.
         kernel: the fused cross-entropy's row step: ``auto`` (Triton on CUDA), ``always``, ``never``.
     """
 

@@ -5,28 +5,24 @@ Continuous time (Sahoo et al. 2024, eq. 10; Shi et al. 2024, eq. 5), with w(t) =
     NELBO(x) = E_{t ~ U(0,1]} E_{z_t ~ q(.|x)} [ w(t) * sum_{l : z_t^l = mask} -log p_theta(x^l | z_t) ]
              + alpha(1) * sum_l -log p_theta(x^l | all masked)            (endpoint, 0 when alpha(1) = 0)
 
-SUBS parameterization: the mask token's logit is -inf and clean positions are carried over (they contribute 0).
-The endpoint term keeps the bound honest for schedules that stop short of all-masked (loglinear with eps,
-geometric): generation starts from all-masked, and its first step reveals each token with probability alpha(1).
+SUBS: the mask token's logit is -inf and clean positions contribute 0. The endpoint term keeps the bound honest for
+schedules that stop short of all-masked: generation starts all-masked. Discrete time, T steps: weight
+(alpha(s_i) - alpha(t_i)) / (1 - alpha(t_i)), t_i = i/T, s_i = (i-1)/T, one uniform i per sequence (times T); it
+approaches the continuous NELBO from above as T grows.
 
-Discrete time, T steps, t_i = i/T, s_i = (i-1)/T: the weight is (alpha(s_i) - alpha(t_i)) / (1 - alpha(t_i)), with
-one uniformly drawn i per sequence (times T). It approaches the continuous NELBO from above as T grows.
-
-The ``count`` estimator (time-agnostic models): given the number k of masked tokens, the masked set is a uniform
-k-subset whatever t was, so t integrates out. With m = 1 - alpha(t) (w dt = dm / m) and m1 = 1 - alpha(1):
+The ``count`` estimator (time-agnostic models): given k masked tokens, the masked set is a uniform k-subset
+whatever t was, so t integrates out. With m = 1 - alpha(t) (w dt = dm / m) and m1 = 1 - alpha(1):
 
     W(k) = int_0^1 w(t) Binom(k; L, m(t)) dt = (1/k) P(Binom(L, m1) >= k)      (= 1/k when alpha(1) = 0)
     NELBO(x) = sum_{k=1}^{L} W(k) E_{|S| = k} [ sum_{l in S} -log p(x^l | x with S masked) ] + endpoint
 
-k is uniform on {1..L} (stratified across the batch), the masked positions those with the k smallest uniforms. L W(k)
-is at most L, where w(t) is unbounded near t = 0: the same expectation without the heavy tail. It is the any-order
-autoregressive form of the bound (Hoogeboom et al. 2022; Ou et al. 2024).
+k is uniform on {1..L}, stratified; L W(k) <= L where w(t) is unbounded near t = 0: the same expectation without
+the heavy tail (the any-order autoregressive form: Hoogeboom et al. 2022; Ou et al. 2024).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -35,17 +31,11 @@ from torch import Tensor, nn
 
 from mdlm_kit import rng
 from mdlm_kit.kernels.weighted_ce import weighted_linear_cross_entropy
+from mdlm_kit.sampling.base import Denoiser
 from mdlm_kit.schedules import Schedule
-
-__all__ = ["Denoiser", "NelboTerms", "subs_log_probs", "masked_nll", "corrupt", "corrupt_time", "corrupt_count",
-           "masked_rows_loss", "endpoint_term", "nelbo", "nelbo_from_keys", "count_weights", "autoregressive_nll",
-           "ESTIMATORS"]
 
 Estimator = Literal["time", "count"]
 ESTIMATORS = get_args(Estimator)
-
-# model(z_t, cond) -> logits (B, L, V); cond is the mask rate 1 - alpha(t), or None for time-agnostic models
-Denoiser = Callable[[Tensor, "Tensor | None"], Tensor]
 
 
 @dataclass
@@ -72,12 +62,6 @@ def subs_log_probs(logits: Tensor, mask_id: int) -> Tensor:
 def masked_nll(logits: Tensor, x0: Tensor, masked: Tensor, mask_id: int) -> Tensor:
     """(B, L) float32 -log p(x0 | z_t) at masked positions; exactly 0 where the token is clean (SUBS carry-over)."""
     return torch.where(masked, -subs_log_probs(logits, mask_id).gather(-1, x0.unsqueeze(-1)).squeeze(-1), 0.0)
-
-
-def corrupt(x0: Tensor, mask_rate: Tensor, u: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
-    """Mask each token independently with probability ``mask_rate`` (B,), using uniforms ``u`` (B, L)."""
-    masked = u < mask_rate.to(u.dtype).unsqueeze(-1)
-    return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
 
 
 def count_weights(length: int, mask_rate_at_one: float, device=None) -> Tensor:
@@ -128,8 +112,9 @@ def corrupt_time(x0: Tensor, t: Tensor, u: Tensor, schedule: Schedule, mask_id: 
         level, s_i = i / num_steps, (i - 1) / num_steps
         rate = schedule.mask_rate(level)
         weight = num_steps * (rate - schedule.mask_rate(s_i)) / rate
-    zt, masked = corrupt(x0, rate, _hide_padding(u, valid), mask_id)
-    return Corruption(zt, masked, weight, level, rate.float() if time_conditioning else None)
+    masked = _hide_padding(u, valid) < rate.to(u.dtype).unsqueeze(-1)
+    cond = rate.float() if time_conditioning else None
+    return Corruption(torch.where(masked, mask_id, x0), masked, weight, level, cond)
 
 
 def corrupt_count(x0: Tensor, t: Tensor, u: Tensor, schedule: Schedule, mask_id: int,
@@ -150,9 +135,8 @@ def corrupt_count(x0: Tensor, t: Tensor, u: Tensor, schedule: Schedule, mask_id:
 
 def masked_rows_loss(features: Tensor, head: nn.Linear, x0: Tensor, masked: Tensor, weight: Tensor, mask_id: int,
                      kernel: str = "auto") -> tuple[Tensor, Tensor]:
-    """(the differentiable weighted sum of the masked tokens' NLLs, their (B,) float64 per-sequence sums, detached),
-    projecting only the masked rows of ``features`` (B, L, D) through ``head`` with the fused weighted cross-entropy
-    (``kernels.weighted_ce``): same value and gradients as full logits."""
+    """(differentiable weighted NLL sum, (B,) float64 detached per-sequence sums) of the masked tokens, projecting
+    only the masked rows of ``features`` (B, L, D) through ``head``: same value and gradients as full logits."""
     b_idx, l_idx = masked.nonzero(as_tuple=True)
     row_w = weight[b_idx]  # (N,) float64
     total, nll_rows = weighted_linear_cross_entropy(features[b_idx, l_idx], head.weight, head.bias,
@@ -161,8 +145,8 @@ def masked_rows_loss(features: Tensor, head: nn.Linear, x0: Tensor, masked: Tens
     return total, per_seq.index_add_(0, b_idx, nll_rows.double() * row_w)
 
 
-def endpoint_term(logits_fn: Callable[[Tensor, Tensor | None], Tensor], x0: Tensor, schedule: Schedule, mask_id: int,
-                  valid: Tensor | None = None, time_conditioning: bool = False) -> Tensor:
+def endpoint_term(logits_fn: Denoiser, x0: Tensor, schedule: Schedule, mask_id: int, valid: Tensor | None = None,
+                  time_conditioning: bool = False) -> Tensor:
     """(B,) float64 alpha(1) * sum_l -log p(x0^l | all masked): the endpoint term (0 when alpha(1) = 0)."""
     alpha_one = schedule.alpha_at_one
     if alpha_one <= 0.0:
@@ -185,9 +169,8 @@ def nelbo(model: Denoiser, x0: Tensor, t: Tensor, u: Tensor, schedule: Schedule,
     """One-sample NELBO estimate per sequence: corruption, the masked tokens' weighted NLL, the endpoint term.
 
     Args:
-        model: the denoiser, ``model(z_t, cond) -> logits (B, L, V)``; with ``head``, its features (B, L, D)
-            before that output projection (``model=dit.features, head=dit.head``): only the masked rows are
-            projected (``masked_rows_loss``), ``per_seq`` is detached and ``total`` carries the gradient.
+        model: ``model(z_t, cond) -> logits (B, L, V)``; with ``head``, its features (``dit.features``, ``dit.head``):
+            only the masked rows are projected, ``per_seq`` is detached and ``total`` carries the gradient.
         x0: (B, L) clean token ids (never the mask id).
         t: (B,) stratified uniforms in (0, 1]: the time (``time``) or the masked fraction (``count``).
         u: (B, L) uniforms in (0, 1) that decide which tokens are masked.
@@ -195,8 +178,7 @@ def nelbo(model: Denoiser, x0: Tensor, t: Tensor, u: Tensor, schedule: Schedule,
         time_conditioning: pass the mask rate to the model (else ``cond`` is None); None: as the model's
             ``config.time_conditioning`` says (False for a model without one).
         kernel: the fused cross-entropy's row step: ``auto`` (Triton on CUDA), ``always``, ``never``.
-        valid: (B, L) bool, the real tokens of padded sequences (default: all). Padding is never masked, never
-            scored and not counted; the model sees it as given.
+        valid: (B, L) bool, the real tokens (default: all); padding is never masked, scored or counted.
     """
     owner = getattr(model, "__self__", model)  # a bound method (dit.features) answers for its module
     conditioned = bool(getattr(getattr(owner, "config", None), "time_conditioning", False))
@@ -223,12 +205,8 @@ def nelbo(model: Denoiser, x0: Tensor, t: Tensor, u: Tensor, schedule: Schedule,
 
 
 def autoregressive_nll(model: Denoiser, x0: Tensor, start_id: int, valid: Tensor | None = None) -> NelboTerms:
-    """Exact -log p(x0) of a causal model, per sequence (float64 nats), every real token scored.
-
-    The input is ``[start, x0[:-1]]``: the first token is predicted from the start token alone. ``start_id`` (the
-    mask id) never occurs in data and is never predicted (its logit is -inf, as under SUBS): the same support as the
-    diffusion model. Padding follows the text: it is neither scored nor counted.
-    """
+    """Exact -log p(x0) of a causal model per sequence (float64 nats) from the input ``[start, x0[:-1]]``. ``start_id``
+    (the mask id) is never predicted (logit -inf, as under SUBS): the diffusion model's support; padding unscored."""
     logits = model(torch.cat([torch.full_like(x0[:, :1], start_id), x0[:, :-1]], dim=1), None)  # (B, L, V)
     real = _real(x0, valid)
     nll = masked_nll(logits, x0, real, start_id).double().sum(-1)
@@ -237,9 +215,8 @@ def autoregressive_nll(model: Denoiser, x0: Tensor, start_id: int, valid: Tensor
 
 def nelbo_from_keys(model: Denoiser, x0: Tensor, keys: Tensor, schedule: Schedule, mask_id: int, seed: int,
                     stream: int, **options) -> NelboTerms:
-    """``nelbo`` (``options``: its keyword arguments) with times and masks drawn from (seed, stream, key) per
-    sequence: a sequence's corruption depends only on its key (e.g. its index in the data stream), never on the
-    batch size or the number of processes; consecutive keys get stratified times."""
+    """``nelbo`` (``options``: its keyword arguments) with each sequence's noise drawn from (seed, stream, key) alone,
+    never from the batch size or the number of processes; consecutive keys get stratified times."""
     t = rng.stratified_times(seed, stream, keys)
     u = rng.token_uniforms(seed, stream, keys, x0.shape[1])
     return nelbo(model, x0, t, u, schedule, mask_id, **options)
