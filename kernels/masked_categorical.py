@@ -1,11 +1,8 @@
 """Fused masked categorical sampling: Gumbel-argmax over the vocabulary in one pass, never the mask column (SUBS).
 
 One program per selected row streams the vocabulary in chunks with an online log-sum-exp (for the chosen token's
-log-probability) and a running Gumbel-argmax; only the listed rows are read. The noise is ``mdlm_kit.rng``'s,
-generated in the kernel, so kernel and reference draw the same tokens for the same keys.
-
-Layering: ``_masked_gumbel_argmax_kernel`` (Triton) -> ``masked_categorical_triton`` (launcher, which
-``sampling.categorical.sample_categorical`` calls); no backward.
+log-probability) and a running Gumbel-argmax. The noise is ``mdlm_kit.rng``'s, generated in the kernel, so kernel and
+reference draw the same tokens. Layering: ``_masked_gumbel_argmax_kernel`` -> ``masked_categorical_triton``.
 """
 
 from __future__ import annotations

@@ -5,9 +5,8 @@
 As Liger-Kernel's fused linear cross-entropy: chunk by chunk over the rows, the float32 logits become per-row losses
 and, in the same pass, the gradient w_i (softmax_i - onehot(y_i)), multiplied straight into the gradients of h, W
 and b; backward only scales them. The ``ignore`` column (the mask token, SUBS) gets probability 0 and gradient 0.
-
-Layering: ``_weighted_ce_rows_kernel`` (Triton) -> ``weighted_ce_rows_triton`` (launcher; the pure-torch
-``weighted_ce_rows_reference`` on CPU) -> ``_FusedLinearWeightedCE`` (chunk loop) -> ``weighted_linear_cross_entropy``.
+Layering: ``_weighted_ce_rows_kernel`` -> ``weighted_ce_rows_triton`` (or the pure-torch ``weighted_ce_rows_reference``)
+-> ``_FusedLinearWeightedCE`` (chunk loop) -> ``weighted_linear_cross_entropy``.
 """
 
 from __future__ import annotations
@@ -20,10 +19,9 @@ from mdlm_kit.kernels import Kernel, use_kernel
 
 def weighted_ce_rows_reference(logits: Tensor, targets: Tensor, row_weights: Tensor, ignore_index: int,
                                write_grad: bool) -> Tensor:
-    """Per-row NLL (float32) of float32 ``logits`` (n, V), which it overwrites, if ``write_grad``, with
-    d(sum_i w_i nll_i)/d logits = w_i (softmax_i - onehot(y_i)), zero in the ignored column. In place and in few
-    passes: the chunk is the only large buffer, and on CPU these passes, not the matmuls, are the fused path's cost.
-    """
+    """Per-row NLL (float32) of float32 ``logits`` (n, V), overwritten (if ``write_grad``) with d(sum_i w_i nll_i)/d
+    logits = w_i (softmax_i - onehot(y_i)), 0 in the ignored column. In place, in few passes: on CPU these passes, not
+    the matmuls, are the fused path's cost."""
     rows = torch.arange(len(targets), device=logits.device)
     logits[:, ignore_index] = float("-inf")
     x_y = logits[rows, targets]  # (n,)
@@ -129,7 +127,7 @@ class _FusedLinearWeightedCE(torch.autograd.Function):
                 logits.copy_(hc @ w_mat.T if bias is None else torch.addmm(bias.to(hc.dtype), hc, w_mat.T))
             nll[rows] = step(logits, targets[rows], row_weights[rows], ignore_index, needs_grad)
             if needs_grad:  # logits now hold d loss / d logits for this chunk
-                grad_h[rows] = (logits.to(h.dtype) @ w_mat).to(h.dtype)
+                grad_h[rows] = logits.to(h.dtype) @ w_mat
                 grad_w.addmm_(logits.T, hc.float())
                 grad_b += logits.sum(0)
         if needs_grad:
@@ -151,12 +149,10 @@ class _FusedLinearWeightedCE(torch.autograd.Function):
 def weighted_linear_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                                   row_weights: Tensor, ignore_index: int, chunk_rows: int | None = None,
                                   kernel: Kernel = "auto") -> tuple[Tensor, Tensor]:
-    """sum_i w_i CE(h_i W^T + b, y_i) with the ``ignore_index`` column excluded, chunk by chunk.
+    """sum_i w_i CE(h_i W^T + b, y_i) without the ``ignore_index`` column, chunk by chunk (default ~64 MB of logits).
 
-    ``h`` (N, D) float32 or bf16/fp16, ``weight`` (V, D), ``bias`` (V,) or None, ``targets`` (N,) int64,
-    ``row_weights`` (N,), not differentiated; ``chunk_rows`` defaults to about 64 MB of float32 logits.
-    Returns the weighted sum (float64 scalar, differentiable w.r.t. h, weight, bias) and the per-row NLL (N,)
-    float32 (not differentiable).
+    ``h`` (N, D) float32 or bf16/fp16, ``weight`` (V, D), ``bias`` (V,) or None, ``targets`` (N,), ``row_weights``
+    (N,) (not differentiated) -> the weighted sum (float64 scalar, differentiable) and the per-row NLL (N,) float32.
     """
     V = weight.shape[0]
     chunk_rows = chunk_rows or max(1, (1 << 24) // V)

@@ -1,12 +1,10 @@
-"""Counter-based random numbers: noise that depends only on (seed, stream, key).
-
-A sample's corruption is a function of a seed and the sample's index alone, never of its batch or the number of
+"""Counter-based random numbers: noise that depends only on (seed, stream, key), never on the batch or the number of
 processes, so a loss or a bound does not change with batch or world size. splitmix64 in int64 arithmetic gives the
-same bits on every device.
-"""
+same bits on every device."""
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 
@@ -14,22 +12,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-_GOLDEN = 0x9E3779B97F4A7C15
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
 # (sqrt(5) - 1) / 2: the additive recurrence frac(c + n g) is the lowest-discrepancy
 # one-dimensional Kronecker sequence, so any run of consecutive keys is stratified.
 _GOLDEN_FRACTION = (math.sqrt(5.0) - 1.0) / 2.0
 
-STREAM_TRAIN = 1
-STREAM_VAL = 2
-STREAM_EVAL = 3
-STREAM_SAMPLE = 4
+STREAM_TRAIN, STREAM_VAL, STREAM_EVAL, STREAM_SAMPLE = 1, 2, 3, 4
 
 
 def _signed(x: int) -> int:
     x &= 0xFFFFFFFFFFFFFFFF
     return x - (1 << 64) if x >= (1 << 63) else x
+
+
+# splitmix64's constants as int64 (two's complement)
+_GOLDEN, _MIX1, _MIX2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 
 
 def _shr(x: Tensor, k: int) -> Tensor:
@@ -39,18 +35,15 @@ def _shr(x: Tensor, k: int) -> Tensor:
 
 def splitmix64(x: Tensor) -> Tensor:
     """splitmix64 finalizer on int64 tensors (two's-complement wrap-around)."""
-    z = x + _signed(_GOLDEN)
-    z = (z ^ _shr(z, 30)) * _signed(_MIX1)
-    z = (z ^ _shr(z, 27)) * _signed(_MIX2)
+    z = x + _GOLDEN
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
     return z ^ _shr(z, 31)
 
 
 def bits_to_uniform(z: Tensor) -> Tensor:
-    """Top 52 bits -> float64 uniform in the open interval (0, 1), on the grid (m + 1/2) 2^-52.
-
-    52 bits, not 53: m + 1/2 must be exact in a 53-bit mantissa, or the largest m rounds to
-    u = 1 (and -log(-log u) to infinity). The extremes are 2^-53 and 1 - 2^-53.
-    """
+    """Top 52 bits -> float64 uniform in (0, 1) on the grid (m + 1/2) 2^-52, extremes 2^-53 and 1 - 2^-53. Not 53
+    bits: m + 1/2 must be exact in a 53-bit mantissa, or the largest m rounds to u = 1 (-log(-log u) = inf)."""
     return (_shr(z, 12).to(torch.float64) + 0.5) * (2.0**-52)
 
 
@@ -67,7 +60,7 @@ def row_hash(seed: int, stream: int, keys: Tensor) -> Tensor:
 
 def hash_uniforms(h: Tensor, length: int) -> Tensor:
     """(B, length) float64 uniforms from the row states ``h`` (B,): uniform j is splitmix64(h + (j + 1) golden)."""
-    pos = torch.arange(1, length + 1, dtype=torch.int64, device=h.device) * _signed(_GOLDEN)
+    pos = torch.arange(1, length + 1, dtype=torch.int64, device=h.device) * _GOLDEN
     return bits_to_uniform(splitmix64(h[:, None] + pos[None, :]))
 
 
@@ -87,16 +80,13 @@ def stratified_times(seed: int, stream: int, keys: Tensor) -> Tensor:
 
 def combine(*parts: Tensor | int) -> Tensor:
     """One int64 key from several integer indices (broadcast), by chained splitmix64."""
-    acc = None
-    for p in parts:
-        p = torch.as_tensor(p, dtype=torch.int64)
-        acc = splitmix64(p) if acc is None else splitmix64(acc ^ splitmix64(p))
-    return acc
+    hashed = [splitmix64(torch.as_tensor(p, dtype=torch.int64)) for p in parts]
+    return functools.reduce(lambda acc, h: splitmix64(acc ^ h), hashed)
 
 
 def global_states() -> dict:
-    """The process's global generators (Python, NumPy, torch CPU and this process's CUDA device): what dropout
-    and any other stateful randomness draw from, saved in checkpoints so a resumed run draws what it would have."""
+    """The global generators (Python, NumPy, torch CPU, this process's CUDA device) that dropout draws from, saved in
+    checkpoints so a resumed run draws what it would have."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     # tensors and plain numbers only, so the checkpoint still loads with torch.load(weights_only=True)
     numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))

@@ -1,8 +1,5 @@
-"""Absorbing-state noise schedules: alpha(t) is the probability that a token is still clean at time t in [0, 1].
-
-alpha(0) = 1 and alpha(1) ~ 0; a schedule whose alpha(1) is above 0 (loglinear with eps, geometric) leaves a
-fraction of tokens clean at t = 1, which ``objective.nelbo`` accounts for with an exact endpoint term.
-"""
+"""Absorbing-state noise schedules: alpha(t), t in [0, 1], is the probability that a token is still clean; alpha(0)
+= 1. Where alpha(1) > 0 (loglinear with eps, geometric) ``objective.nelbo`` adds an exact endpoint term."""
 
 from __future__ import annotations
 
@@ -17,8 +14,6 @@ from mdlm_kit.specs import init_args, spec
 
 
 class Schedule(ABC):
-    """alpha(t) of an absorbing-state diffusion; subclasses implement mask_rate, dalpha and inverse."""
-
     name: str = ""
 
     @abstractmethod
@@ -46,7 +41,6 @@ class Schedule(ABC):
 
     @property
     def alpha_at_one(self) -> float:
-        """alpha(1): the fraction of tokens still clean at the end of the forward process."""
         return float(self.alpha(torch.ones((), dtype=torch.float64)))
 
     def __repr__(self) -> str:

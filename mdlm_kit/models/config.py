@@ -30,7 +30,7 @@ class DiTConfig:
     layout: str = "kit"  # "kit" or "mdlm" (the MDLM reference DiT, for its checkpoints): see dit.py
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "cond_dim", "mlp_ratio", "max_seq_len"):
+        for name in ("n_layers", "d_model", "n_heads", "cond_dim", "mlp_ratio", "max_seq_len"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"model: {name} must be >= 1, got {getattr(self, name)}")
         if self.vocab_size < 2:
@@ -75,8 +75,7 @@ class Backbone:
         size: ``debug``, ``tiny``, ``small`` (MDLM's 12 x 768) or ``medium``.
         n_layers, d_model, n_heads, cond_dim, max_seq_len: override the named size (None: the size's).
         dropout: dropout in the blocks.
-        conv_kernel: width of a depthwise convolution over positions in every block (0: none; kit layout): a
-            masked position sees its neighbours from the first step (BENCHMARKS.md); the quickstart uses 3.
+        conv_kernel: width of a depthwise convolution over positions in every block (0: none; kit layout only).
         layout: ``kit`` (this toolkit's blocks) or ``mdlm`` (the MDLM reference DiT's layout, for its checkpoints).
     """
 

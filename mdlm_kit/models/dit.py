@@ -1,11 +1,9 @@
-"""A bidirectional diffusion transformer after MDLM's DiT, in build order: norm -> rotary -> time embedding ->
-local convolution -> attention -> MLP -> block -> final layer -> model.
+"""A bidirectional diffusion transformer after MDLM's DiT, in build order.
 
-Two layouts (``DiTConfig.layout``): ``kit``, this toolkit's, where a time-agnostic model (the default: the optimal
-denoiser of masked diffusion does not need t) has plain pre-norm blocks and a time-conditioned one adaLN with the
-mask rate x 1000 as input; ``mdlm``, exactly the MDLM reference DiT (kuleshov-group/mdlm ``models/dit.py``) for its
-checkpoints, with adaLN in every block conditioned on sigma = -log(1 - mask rate), which is 0 for a time-agnostic
-model (its conditioning vector is then the constant silu(embed(0)), not zero).
+Layouts (``DiTConfig.layout``): ``kit`` has plain pre-norm blocks when time-agnostic (the default: the optimal
+denoiser does not need t) and adaLN on the mask rate x 1000 when time-conditioned; ``mdlm`` is exactly the MDLM
+reference DiT (kuleshov-group/mdlm ``models/dit.py``), adaLN on sigma = -log(1 - mask rate) in every block, sigma = 0
+when time-agnostic (the conditioning is then silu(embed(0)), not zero).
 """
 
 from __future__ import annotations
@@ -66,9 +64,8 @@ class TimestepEmbedder(nn.Module):
 
 
 class LocalConv(nn.Module):
-    """A residual branch mixing each channel over the ``conv_kernel`` nearest positions (depthwise Conv1d): a masked
-    position sees its neighbours from the first step instead of waiting for attention to learn where to look, which
-    takes the model off the unigram plateau early (BENCHMARKS.md). Causal models look back only."""
+    """Depthwise Conv1d over the ``conv_kernel`` nearest positions: a masked position sees its neighbours from the first
+    step, which takes the model off the unigram plateau early (BENCHMARKS.md). Causal models look back only."""
 
     def __init__(self, cfg: DiTConfig, causal: bool):
         super().__init__()
@@ -160,9 +157,8 @@ class DiT(nn.Module):
         super().__init__()
         self.config, self.causal = cfg, causal
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.time_embed = None
-        if cfg.adaptive:
-            self.time_embed = TimestepEmbedder(cfg.cond_dim, scale=1.0 if cfg.layout == "mdlm" else 1000.0)
+        scale = 1.0 if cfg.layout == "mdlm" else 1000.0
+        self.time_embed = TimestepEmbedder(cfg.cond_dim, scale=scale) if cfg.adaptive else None
         self.rotary = Rotary(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_base)
         self.blocks = nn.ModuleList(Block(cfg, causal) for _ in range(cfg.n_layers))
         self.final = FinalLayer(cfg)
@@ -200,8 +196,7 @@ class DiT(nn.Module):
         return self.final(x, c)  # (B, S, D)
 
     def conditioning(self, cond: Tensor | None, batch: int) -> Tensor | None:
-        """The adaLN conditioning vector c (batch, cond_dim) from the mask rate ``cond`` (batch,); None for the kit's
-        time-agnostic blocks."""
+        """adaLN's c (batch, cond_dim) from the mask rate ``cond`` (batch,); None without adaLN."""
         if self.time_embed is None:
             return None
         cfg = self.config

@@ -1,9 +1,6 @@
-"""Samplers: one module per sampler, one registry (``base``), and typed objects for ``generate --sampler``.
-
-``sampler(ctx, template, sample_keys, opts, progress=None) -> tokens``: ``template`` (B, L) holds given tokens (a
-prompt, any infilling pattern), which never change, and the mask id where tokens are to be generated;
-``sample_keys`` (B,) index each sequence's noise, so a sample does not depend on the batch it is generated in.
-"""
+"""Samplers: one module per sampler, one registry (``base.SAMPLERS``), typed objects for ``generate --sampler``. A
+sampler's ``template`` (B, L) holds given tokens (prompt, infilling), which stay, and the mask id where tokens are to
+be generated; ``sample_keys`` (B,) key each sequence's noise, so a sample does not depend on its batch."""
 
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
-"""MDLM's ancestral sampler: the reverse process on a grid of K time steps.
-
-From alpha_a to alpha_b > alpha_a each masked token is revealed with probability (alpha_b - alpha_a) / (1 - alpha_a),
-its value drawn from p_theta(. | z); from the all-masked start a schedule with alpha(1) > 0 first steps to alpha(1)
-(the NELBO's endpoint term). Deciding the reveals before sampling only those positions is MDLM's joint draw over
-(token, stay masked). ``ancestral_cache`` calls the network only when a token changed: exact for time-agnostic
-models, whose prediction depends on z alone (MDLM, section 4.2).
+"""MDLM's ancestral sampler on a grid of K time steps: from alpha_a to alpha_b each masked token is revealed with
+probability (alpha_b - alpha_a) / (1 - alpha_a), drawn from p_theta(. | z) (deciding the reveals first is MDLM's joint
+draw over (token, stay masked)); a schedule with alpha(1) > 0 first steps to alpha(1) (the NELBO's endpoint term).
+``ancestral_cache`` calls the network only when a token changed: exact for time-agnostic models (MDLM, section 4.2).
 """
 
 from __future__ import annotations
@@ -15,32 +12,24 @@ from torch import Tensor
 from mdlm_kit.errors import UserError
 from mdlm_kit.sampling.base import SamplerOptions, SamplingContext, check_template, draw_tokens, register, step_uniforms
 
-DEFAULT_STEPS = 1000
-
-
-def alpha_levels(ctx: SamplingContext, steps: int, device) -> Tensor:
-    """alpha at the start of each step and at the end: 0, [alpha(1),] alpha((K-1)/K), ..., alpha(0) = 1."""
-    t = torch.arange(steps, -1, -1, dtype=torch.float64, device=device) / steps
-    levels = ctx.schedule.alpha(t)
-    if ctx.schedule.alpha_at_one > 0:
-        levels = torch.cat([levels.new_zeros(1), levels])
-    levels[0], levels[-1] = 0.0, 1.0
-    return levels
-
 
 @register("ancestral")
 @torch.no_grad()
 def ancestral(ctx: SamplingContext, template: Tensor, sample_keys: Tensor, opts: SamplerOptions,
               cache: bool = False, progress=None) -> Tensor:
-    z = check_template(template, ctx.mask_id)
-    length = z.shape[1]
-    levels = alpha_levels(ctx, opts.steps or DEFAULT_STEPS, z.device)
+    z = check_template(template)
+    steps = opts.steps or 1000  # MDLM's default
+    # alpha at the start of each step and at the end: 0, [alpha(1),] alpha((K-1)/K), ..., alpha(0) = 1
+    levels = ctx.schedule.alpha(torch.arange(steps, -1, -1, dtype=torch.float64, device=z.device) / steps)
+    if ctx.schedule.alpha_at_one > 0:
+        levels = torch.cat([levels.new_zeros(1), levels])
+    levels[0], levels[-1] = 0.0, 1.0
     for i in range(len(levels) - 1):
         a, b = float(levels[i]), float(levels[i + 1])
         masked = z == ctx.mask_id
         if not masked.any():
             break
-        reveal = masked & (step_uniforms(opts, sample_keys, i, length, salt=1) < (b - a) / (1.0 - a))
+        reveal = masked & (step_uniforms(opts, sample_keys, i, z.shape[1], salt=1) < (b - a) / (1.0 - a))
         if progress is not None:
             progress(i + 1, len(levels) - 1)
         # MDLM's sampler calls the network on every sequence at every step; the cached one only where a token changes

@@ -89,7 +89,7 @@ def step_uniforms(opts: SamplerOptions, sample_keys: Tensor, step: int, length: 
     return rng.token_uniforms(opts.seed, rng.STREAM_SAMPLE, rng.combine(sample_keys, step, salt), length)
 
 
-def check_template(template: Tensor, mask_id: int) -> Tensor:
+def check_template(template: Tensor) -> Tensor:
     if template.dim() != 2:
         raise UserError(f"template must be (batch, length), got shape {tuple(template.shape)}")
     return template.clone()

@@ -1,10 +1,9 @@
 """Categorical sampling that keeps the temperature: Gumbel-max with float64 noise.
 
 Float32 noise cannot draw a Gumbel value above -log(-log(1 - 2^-24)) ~ 16.6, so tokens more than that below the top
-are never sampled: the tail is cut and the effective temperature drops (Zheng et al. 2024, "Masked diffusion models
-are secretly time-agnostic masked models and exploit inaccurate categorical sampling"). The 52-bit uniforms of
-``mdlm_kit.rng`` (keyed per row, so a sample does not depend on its batch) reach 36.7 in float64.
-``precision="float32"`` reproduces the truncated sampler for comparison.
+are never sampled and the effective temperature drops (Zheng et al. 2024, "Masked diffusion models are secretly
+time-agnostic masked models and exploit inaccurate categorical sampling"); ``mdlm_kit.rng``'s 52-bit uniforms reach
+36.7. ``precision="float32"`` reproduces the truncated sampler for comparison.
 """
 
 from __future__ import annotations
@@ -43,9 +42,8 @@ def filter_logp(logits: Tensor, mask_id: int, temperature: float = 1.0, top_p: f
 def sample_categorical(logits: Tensor, keys: Tensor, seed: int, mask_id: int, temperature: float = 1.0,
                        top_p: float = 1.0, precision: str = "float64", rows: Tensor | None = None,
                        kernel: Kernel = "auto") -> tuple[Tensor, Tensor]:
-    """One token per selected row ``rows`` (R,) of ``logits`` (N, V) (default: all), never the mask, with noise keyed
-    by ``keys`` (R,): (tokens (R,), log-probabilities (R,)). With float64 noise and no nucleus truncation ``kernel``
-    may pick the fused Triton kernel (``mdlm_kit.kernels.masked_categorical``), which draws the same tokens."""
+    """One token (never the mask) and its log-probability per row ``rows`` (R,) of ``logits`` (N, V) (default: all),
+    noise keyed by ``keys`` (R,). Without float32 noise or top-p, ``kernel`` may pick the same draw's Triton kernel."""
     if rows is None:
         rows = torch.arange(logits.shape[0], device=logits.device)
     if use_kernel(kernel, logits) and top_p == 1.0 and precision == "float64":

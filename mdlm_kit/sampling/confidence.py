@@ -1,13 +1,9 @@
-"""Confidence-based decoding (MaskGIT, LLaDA's low-confidence remasking): approximate.
-
-Per step every masked position of the current block draws a candidate from p_theta(. | z) and the k most probable
-candidates are committed, k such that the block is full after its share of the ``steps``; blocks go left to right.
-This does not sample from the model's distribution: it trades diversity for quality.
+"""Confidence-based decoding (MaskGIT, LLaDA's low-confidence remasking), approximate: per step every masked position
+of the current block draws a candidate and the k most probable are committed, k such that the block is full after its
+share of the ``steps``; blocks go left to right. It trades the model's distribution for quality.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
@@ -19,17 +15,16 @@ from mdlm_kit.sampling.base import SamplerOptions, SamplingContext, check_templa
 @torch.no_grad()
 def confidence(ctx: SamplingContext, template: Tensor, sample_keys: Tensor, opts: SamplerOptions,
                progress=None) -> Tensor:
-    z = check_template(template, ctx.mask_id)
+    z = check_template(template)
     batch, length = z.shape
     block = opts.block_length or length
-    n_blocks = math.ceil(length / block)
-    per_block = max(1, (opts.steps or length) // n_blocks)
+    starts = range(0, length, block)
+    per_block = max(1, (opts.steps or length) // len(starts))
     step = 0
-    for b0 in range(0, length, block):
-        b1 = min(b0 + block, length)
+    for b0 in starts:
         for j in range(per_block):
             in_block = torch.zeros_like(z, dtype=torch.bool)
-            in_block[:, b0:b1] = z[:, b0:b1] == ctx.mask_id
+            in_block[:, b0 : b0 + block] = z[:, b0 : b0 + block] == ctx.mask_id
             if not in_block.any():
                 break
             logits = ctx.logits(z, (z == ctx.mask_id).double().mean(-1))
@@ -43,5 +38,5 @@ def confidence(ctx: SamplingContext, template: Tensor, sample_keys: Tensor, opts
             z[rows[commit], cols[commit]] = tokens[commit]
             step += 1
             if progress is not None:
-                progress(step, per_block * n_blocks)
+                progress(step, per_block * len(starts))
     return z

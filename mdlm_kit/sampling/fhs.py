@@ -1,11 +1,9 @@
-"""The first-hitting sampler (Zheng et al. 2024): the continuous-time reverse process exactly, one network call per
-token.
+"""The first-hitting sampler (Zheng et al. 2024): the continuous-time reverse process exactly, one call per token.
 
-Each token is masked at its own time T_l with P(T_l <= t) = 1 - alpha(t). Going back from t with n tokens masked,
-the next reveal is at the largest of their n masking times: 1 - alpha(s) = (1 - alpha(t)) u^(1/n), u ~ U(0, 1);
-one uniformly chosen masked position is revealed then, drawn from p_theta(. | z_t). A schedule with alpha(1) > 0
-first steps from all-masked to alpha(1), as the NELBO's endpoint term. ``tokens_per_step = k > 1`` reveals k
-positions per call from one prediction: faster and approximate.
+Token l is masked at its own time T_l, P(T_l <= t) = 1 - alpha(t). Going back from t with n tokens masked, the next
+reveal, of one uniformly chosen masked position drawn from p_theta(. | z_t), is at the largest of their n masking
+times: 1 - alpha(s) = (1 - alpha(t)) u^(1/n), u ~ U(0, 1). A schedule with alpha(1) > 0 first steps to alpha(1) (the
+NELBO's endpoint term). ``tokens_per_step = k > 1`` reveals k positions per call: faster and approximate.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from mdlm_kit.sampling.base import SamplerOptions, SamplingContext, check_templa
 @register("fhs")
 @torch.no_grad()
 def fhs(ctx: SamplingContext, template: Tensor, sample_keys: Tensor, opts: SamplerOptions, progress=None) -> Tensor:
-    z = check_template(template, ctx.mask_id)
+    z = check_template(template)
     batch, length = z.shape
     rate = torch.ones(batch, dtype=torch.float64, device=z.device)  # current mask rate 1 - alpha(t)
     step = 0

@@ -30,18 +30,15 @@ class Sampler:
         self.temperature, self.top_p, self.precision, self.kernel = temperature, top_p, precision, kernel
         self.options()  # checked now, before any model is loaded
 
-    def args(self) -> dict:
-        return init_args(self)
-
     def options(self, seed: int = 0) -> SamplerOptions:
-        return SamplerOptions(seed=seed, **self.args())
+        return SamplerOptions(seed=seed, **init_args(self))
 
     def __call__(self, ctx: SamplingContext, template: Tensor, sample_keys: Tensor, seed: int = 0,
                  progress=None) -> Tensor:
         return SAMPLERS[self.name](ctx, template, sample_keys, self.options(seed), progress)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.args().items())})"
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in init_args(self).items())})"
 
 
 class FirstHitting(Sampler):
@@ -73,8 +70,7 @@ class Ancestral(Sampler):
 
 
 class AncestralCache(Ancestral):
-    """``ancestral_cache``: the ancestral sampler that skips the network when no token changed (exact for a
-    time-agnostic model)."""
+    """``ancestral_cache``: ancestral, skipping the network when no token changed (time-agnostic models only)."""
 
     name = "ancestral_cache"
 
@@ -125,10 +121,10 @@ def sampler_class(name: str) -> type[Sampler]:
     return cls
 
 
-def make_sampler(spec: Sampler | str | None = None, **kwargs) -> Sampler:
-    """A sampler from an instance, a registered name (``fhs``) or a class name (``FirstHitting``), with options."""
+def make_sampler(spec: Sampler | str | None = None) -> Sampler:
+    """A sampler from an instance, a registered name (``fhs``) or a class name (``FirstHitting``) with its defaults."""
     if type(spec) is Sampler:  # the common options alone (--sampler.temperature 0.9): the default sampler's
-        return FirstHitting(**spec.args())
+        return FirstHitting(**init_args(spec))
     if isinstance(spec, Sampler):
         return spec
-    return sampler_class(spec or "fhs")(**kwargs)
+    return sampler_class(spec or "fhs")()
